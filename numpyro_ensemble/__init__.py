@@ -1,0 +1,16 @@
+"""Ensembles of SVI and MAP fits of one NumPyro model."""
+
+from numpyro_ensemble.elbo import TemperedTrace_ELBO
+from numpyro_ensemble.map import EnsembleMAP
+from numpyro_ensemble.oneshot import ensemble_map, ensemble_svi
+from numpyro_ensemble.svi import EnsembleSVI
+
+__all__ = [
+    "EnsembleMAP",
+    "EnsembleSVI",
+    "TemperedTrace_ELBO",
+    "ensemble_map",
+    "ensemble_svi",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,63 @@
+"""Argument checks shared by the public classes.
+
+Every check raises before anything is traced or compiled, and its message names
+the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import numpy as np
+
+
+def check_ensemble_size(ensemble_size) -> int:
+    if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, numbers.Integral):
+        raise TypeError(
+            f"ensemble_size must be a positive int, got {ensemble_size!r} "
+            f"of type {type(ensemble_size).__name__}."
+        )
+    if ensemble_size < 1:
+        raise ValueError(f"ensemble_size must be a positive int, got {ensemble_size}.")
+    return int(ensemble_size)
+
+
+def check_num_steps(num_steps) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+        raise TypeError(
+            f"num_steps must be a positive int, got {num_steps!r} "
+            f"of type {type(num_steps).__name__}."
+        )
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps}.")
+    return int(num_steps)
+
+
+def check_weight(value, name: str):
+    """A tempering weight: a finite number >= 0 (a traced value is passed through)."""
+    if isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, (str, bytes)) or (
+        not isinstance(value, numbers.Real) and np.ndim(value) != 0
+    ):
+        raise TypeError(
+            f"{name} must be a finite number >= 0, got {value!r} of type "
+            f"{type(value).__name__}."
+        )
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"{name} must be a finite number >= 0, got {value!r} of type "
+            f"{type(value).__name__}."
+        ) from None
+    if not math.isfinite(as_float) or as_float < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {as_float}.")
+    return as_float
+
+
+def leading_sizes(tree) -> set:
+    """The set of leading-axis sizes over the array leaves of ``tree`` (None for scalars)."""
+    return {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(tree)}

@@ -1,0 +1,54 @@
+import jax
+from jax import random
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+
+def normal_model(y, prior_scale=2.0):
+    """mu ~ N(0, prior_scale), y_i ~ N(mu, 1): the conjugate Normal-Normal model."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, prior_scale))
+    with numpyro.plate("data", y.shape[0]):
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def regression_model(x, y=None):
+    """A small regression with a positive latent (a constrained site)."""
+    w = numpyro.sample("w", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    mean = w[0] + w[1] * x
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("y", dist.Normal(mean, sigma), obs=y)
+
+
+def subsample_model(x, y=None, batch=4):
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+    with numpyro.plate("data", x.shape[0], subsample_size=batch) as idx:
+        numpyro.sample("y", dist.Normal(w * x[idx], 0.5), obs=None if y is None else y[idx])
+
+
+@pytest.fixture
+def regression_data():
+    x = jnp.linspace(-1.0, 1.0, 12)
+    y = 0.3 + 1.5 * x + 0.2 * random.normal(random.key(1), (12,))
+    return x, y
+
+
+def tree_allclose(a, b, **kw):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for u, v in zip(la, lb, strict=False):
+        u, v = _data(u), _data(v)
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), **kw)
+
+
+def member(tree, e):
+    return jax.tree.map(lambda leaf: leaf[e], tree)
+
+
+def _data(leaf):
+    if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+        return random.key_data(leaf)
+    return leaf
