@@ -25,10 +25,9 @@ import time
 
 import jax
 from jax import random
-import optax
-
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoDelta, AutoNormal
+import optax
 
 from numpyro_ensemble import EnsembleSVI
 

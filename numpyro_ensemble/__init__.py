@@ -2,7 +2,9 @@
 
 from numpyro_ensemble.elbo import TemperedTrace_ELBO
 from numpyro_ensemble.map import EnsembleMAP
+from numpyro_ensemble.mcmc import mcmc_init_params
 from numpyro_ensemble.oneshot import ensemble_map, ensemble_svi
+from numpyro_ensemble.posterior import ensemble_predict, ensemble_predictive, sample_posterior
 from numpyro_ensemble.svi import EnsembleSVI
 
 __all__ = [
@@ -10,7 +12,11 @@ __all__ = [
     "EnsembleSVI",
     "TemperedTrace_ELBO",
     "ensemble_map",
+    "ensemble_predict",
+    "ensemble_predictive",
     "ensemble_svi",
+    "mcmc_init_params",
+    "sample_posterior",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""Start NUTS chains of the same model from the members of a fitted ensemble."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import PRNGKeyArray
+from numpyro.infer.util import unconstrain_fn
+
+from numpyro_ensemble.posterior import sample_posterior
+
+__all__ = ["mcmc_init_params"]
+
+
+def mcmc_init_params(
+    ensemble,
+    rng_key: PRNGKeyArray,
+    params: dict,
+    *args,
+    num_chains: int | None = None,
+    resample: bool = False,
+    **kwargs,
+) -> dict:
+    """
+    Initial values for ``MCMC(NUTS(model), num_chains=K).run(..., init_params=...)``,
+    one ensemble member per chain.
+
+    Each chain starts at one member: its point for an
+    :class:`~numpyro_ensemble.EnsembleMAP`, one draw from its guide for an
+    :class:`~numpyro_ensemble.EnsembleSVI`. The values are mapped to the
+    unconstrained space that MCMC expects (``numpyro.infer.util.unconstrain_fn``).
+    With ``K < E`` the first ``K`` members are used (members are exchangeable);
+    ``K > E`` needs ``resample=True``, which takes several guide draws per member
+    (for a MAP ensemble, repeated points).
+
+    **Example:**
+
+    .. doctest::
+
+        >>> import jax.numpy as jnp
+        >>> from jax import random
+        >>> import numpyro, numpyro.distributions as dist, optax
+        >>> from numpyro.infer import MCMC, NUTS
+        >>> from numpyro_ensemble import EnsembleMAP, mcmc_init_params
+        >>> def model(y):
+        ...     scale = numpyro.sample("scale", dist.HalfNormal(2.0))
+        ...     numpyro.sample("y", dist.Normal(0.0, scale), obs=y)
+        >>> y = jnp.array([1.0, -2.0, 0.5])
+        >>> ens = EnsembleMAP(model, optax.adam(0.05), ensemble_size=4)
+        >>> result = ens.run(random.key(0), 500, y, progress_bar=False)
+        >>> init = mcmc_init_params(ens, random.key(1), result.params, y, num_chains=2)
+        >>> init["scale"].shape                   # unconstrained: log(scale)
+        (2,)
+        >>> mcmc = MCMC(NUTS(model), num_warmup=50, num_samples=50, num_chains=2,
+        ...             chain_method="vectorized", progress_bar=False)
+        >>> mcmc.run(random.key(2), y, init_params=init)
+        >>> mcmc.get_samples(group_by_chain=True)["scale"].shape
+        (2, 50)
+
+    :param ensemble: a fitted :class:`~numpyro_ensemble.EnsembleSVI` or ``EnsembleMAP``.
+    :param jax.random.key rng_key: random number generator seed (for guide draws).
+    :param dict params: the ensemble's params, e.g. ``run(...).params``.
+    :param args: arguments to the model.
+    :param int num_chains: ``K``, the number of chains; defaults to ``E``.
+    :param bool resample: allow ``K > E`` by drawing several starts per member.
+    :param kwargs: keyword arguments to the model.
+    :return: ``{latent site name: unconstrained array of shape (K, *site_shape)}``;
+        for ``K = 1`` without the leading axis, as ``MCMC`` expects for one chain.
+    """
+    E = ensemble.ensemble_size
+    K = E if num_chains is None else num_chains
+    if isinstance(K, bool) or not isinstance(K, numbers.Integral) or K < 1:
+        raise ValueError(f"num_chains must be a positive int, got {num_chains!r}.")
+    if K > E and not resample:
+        raise ValueError(
+            f"num_chains={K} is larger than ensemble_size={E}: pass resample=True to "
+            f"start several chains from draws of the same members, or use fewer chains."
+        )
+    per_member = math.ceil(K / E)
+    draws = sample_posterior(ensemble, rng_key, params, *args, num_samples=per_member, **kwargs)
+    # (E, S, ...) -> (S * E, ...) ordered draw-major, so the first K cycle over members.
+    starts = {
+        name: jnp.swapaxes(value, 0, 1).reshape((E * per_member,) + value.shape[2:])[:K]
+        for name, value in draws.items()
+    }
+    model_kwargs = {**kwargs, **ensemble.static_kwargs}
+    unconstrained = jax.vmap(lambda z: unconstrain_fn(ensemble.model, args, model_kwargs, z))(starts)
+    return jax.tree.map(lambda leaf: leaf[0], unconstrained) if K == 1 else unconstrained
+

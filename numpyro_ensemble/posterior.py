@@ -1,0 +1,176 @@
+"""Draws from a fitted ensemble: posterior samples, posterior predictive, ``ensemble_predict``.
+
+Every result keeps the ensemble as its leading axis and the draws of one member
+as the second: ``(E, S, *site_shape)``, the ``(chain, draw)`` layout of
+``MCMC.get_samples(group_by_chain=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import numbers
+
+import jax
+from jax import random
+from jaxtyping import Array, PRNGKeyArray, PyTree
+from numpyro.handlers import seed, substitute, trace
+from numpyro.infer import Predictive
+from numpyro.primitives import Messenger
+
+from numpyro_ensemble._checks import leading_sizes
+
+__all__ = ["ensemble_predict", "ensemble_predictive", "sample_posterior"]
+
+
+def _check_num_samples(num_samples) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise TypeError(f"num_samples must be a positive int, got {num_samples!r}.")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples}.")
+    return int(num_samples)
+
+
+def _check_params(ensemble, params):
+    sizes = leading_sizes(params)
+    if sizes != {ensemble.ensemble_size}:
+        raise ValueError(
+            f"params must have a leading axis of size ensemble_size="
+            f"{ensemble.ensemble_size} on every leaf (e.g. run(...).params), got "
+            f"leading sizes {sorted(s for s in sizes if s is not None)}."
+        )
+
+
+def latent_sites(ensemble, params, *args, **kwargs) -> list[str]:
+    """Names of the model's latent sites that the guide samples (auxiliary sites left out)."""
+    member = jax.tree.map(lambda leaf: leaf[0], params)
+    guide_trace = trace(substitute(seed(ensemble.guide, 0), member)).get_trace(
+        *args, **kwargs, **ensemble.static_kwargs
+    )
+    return [
+        name
+        for name, site in guide_trace.items()
+        if site["type"] == "sample" and not site["infer"].get("is_auxiliary", False)
+    ]
+
+
+def sample_posterior(
+    ensemble,
+    rng_key: PRNGKeyArray,
+    params: dict,
+    *args,
+    num_samples: int = 1,
+    **kwargs,
+) -> dict[str, Array]:
+    """
+    Draws ``num_samples`` latent values from each member's guide.
+
+    For an :class:`~numpyro_ensemble.EnsembleMAP` every draw of member ``e`` is its
+    point. Member ``e`` uses key ``random.split(rng_key, E)[e]``, so results are
+    reproducible.
+
+    :param ensemble: a fitted :class:`~numpyro_ensemble.EnsembleSVI` (or ``EnsembleMAP``).
+    :param jax.random.key rng_key: random number generator seed.
+    :param dict params: the ensemble's params, e.g. ``run(...).params``.
+    :param args: arguments to the guide (the model's arguments).
+    :param int num_samples: draws per member, ``S``.
+    :param kwargs: keyword arguments to the guide.
+    :return: ``{latent site name: array of shape (E, S, *site_shape)}``, constrained.
+    """
+    num_samples = _check_num_samples(num_samples)
+    _check_params(ensemble, params)
+    names = latent_sites(ensemble, params, *args, **kwargs)
+    kwargs = {**kwargs, **ensemble.static_kwargs}
+
+    def draw(member_params, key):
+        predictive = Predictive(
+            ensemble.guide, params=member_params, num_samples=num_samples, return_sites=names
+        )
+        return predictive(key, *args, **kwargs)
+
+    keys = random.split(rng_key, ensemble.ensemble_size)
+    return jax.vmap(draw)(params, keys)
+
+
+class _unobserved(Messenger):
+    """Draw observed sites instead of conditioning on them (``numpyro.factor`` sites
+    stay as they are), for a posterior predictive of the data the model was fit to."""
+
+    def process_message(self, msg):
+        if (
+            msg["type"] == "sample"
+            and msg["is_observed"]
+            and not msg["infer"].get("is_auxiliary", False)
+        ):
+            msg["value"] = None
+            msg["is_observed"] = False
+
+
+def ensemble_predictive(
+    ensemble,
+    rng_key: PRNGKeyArray,
+    params: dict,
+    *args,
+    num_samples: int = 1,
+    return_sites: Sequence[str] | None = None,
+    posterior_samples: dict | None = None,
+    resample_observed: bool = False,
+    **kwargs,
+) -> dict[str, Array]:
+    """
+    The ensemble's posterior predictive, with :class:`numpyro.infer.Predictive`.
+
+    Draws ``num_samples`` latent values per member (:func:`sample_posterior`, or
+    the given ``posterior_samples``) and runs the model on each, so draw
+    ``[e, s]`` of every returned site comes from latent draw ``[e, s]`` of member ``e``.
+
+    :param ensemble: a fitted :class:`~numpyro_ensemble.EnsembleSVI` (or ``EnsembleMAP``).
+    :param jax.random.key rng_key: random number generator seed.
+    :param dict params: the ensemble's params, e.g. ``run(...).params``.
+    :param args: arguments to the model, e.g. new inputs ``x_new``.
+    :param int num_samples: draws per member, ``S`` (ignored with ``posterior_samples``).
+    :param return_sites: sites to return; by default NumPyro's choice: the observed
+        and deterministic sites.
+    :param dict posterior_samples: latent draws of shape ``(E, S, ...)`` to use
+        instead of drawing from the guides.
+    :param bool resample_observed: draw observed sites even where ``args`` /
+        ``kwargs`` hold observations (a posterior predictive of the training data).
+    :param kwargs: keyword arguments to the model.
+    :return: ``{site name: array of shape (E, S, *site_shape)}``.
+    """
+    post_key, pred_key = random.split(rng_key)
+    if posterior_samples is None:
+        posterior_samples = sample_posterior(
+            ensemble, post_key, params, *args, num_samples=num_samples, **kwargs
+        )
+    elif leading_sizes(posterior_samples) and {
+        jax.numpy.shape(v)[0] for v in posterior_samples.values()
+    } != {ensemble.ensemble_size}:
+        raise ValueError(
+            f"posterior_samples must have shape (E, S, ...) with E=ensemble_size="
+            f"{ensemble.ensemble_size}."
+        )
+    model = _unobserved(ensemble.model) if resample_observed else ensemble.model
+    predictive = Predictive(
+        model,
+        posterior_samples=posterior_samples,
+        params=None,
+        return_sites=None if return_sites is None else list(return_sites),
+        batch_ndims=2,
+    )
+    return predictive(pred_key, *args, **kwargs, **ensemble.static_kwargs)
+
+
+def ensemble_predict(
+    params: PyTree,
+    predict_fn: Callable[[PyTree, Array], Array],
+    *inputs,
+) -> Array:
+    """
+    Applies a deterministic ``predict_fn(params, *inputs)`` to every member.
+
+    :param params: params or points with a leading ``(E,)`` axis on every leaf.
+    :param predict_fn: ``(one member's params, *inputs) -> prediction``.
+    :param inputs: inputs shared by all members.
+    :return: predictions with a leading ``(E,)`` axis.
+    """
+    return jax.vmap(predict_fn, in_axes=(0,) + (None,) * len(inputs))(params, *inputs)

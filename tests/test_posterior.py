@@ -1,0 +1,148 @@
+"""Posterior draws, predictive, ensemble_predict and the MCMC bridge."""
+
+from conftest import regression_model
+import jax
+from jax import random
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.infer import MCMC, NUTS, Trace_ELBO
+from numpyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+from numpyro.infer.util import constrain_fn
+import optax
+import pytest
+
+from numpyro_ensemble import (
+    EnsembleMAP,
+    EnsembleSVI,
+    ensemble_predict,
+    ensemble_predictive,
+    mcmc_init_params,
+    sample_posterior,
+)
+
+E = 3
+
+
+def model_with_f(x, y=None):
+    w = numpyro.sample("w", dist.Normal(jnp.zeros(2), 1.0).to_event(1))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
+    f = numpyro.deterministic("f", w[0] + w[1] * x)
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("y", dist.Normal(f, sigma), obs=y)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    x = jnp.linspace(-1.0, 1.0, 10)
+    y = 0.5 + 2.0 * x + 0.1 * random.normal(random.key(0), (10,))
+    svi = EnsembleSVI(model_with_f, AutoNormal(model_with_f), optax.adam(0.02), Trace_ELBO(), ensemble_size=E)
+    svi_params = svi.run(random.key(1), 300, x, y, progress_bar=False).params
+    ens = EnsembleMAP(model_with_f, optax.adam(0.02), ensemble_size=E)
+    map_params = ens.run(random.key(2), 300, x, y, progress_bar=False).params
+    return x, y, svi, svi_params, ens, map_params
+
+
+def test_sample_posterior_shapes_names_and_keys(fitted):
+    x, y, svi, params, *_ = fitted
+    draws = sample_posterior(svi, random.key(0), params, x, y, num_samples=7)
+    assert {k: v.shape for k, v in draws.items()} == {"w": (E, 7, 2), "sigma": (E, 7)}
+    assert jnp.all(draws["sigma"] > 0)  # constrained
+    again = sample_posterior(svi, random.key(0), params, x, y, num_samples=7)
+    np.testing.assert_array_equal(draws["w"], again["w"])
+    # Member e's draws come from member e's guide: their mean is near member e's loc.
+    for e in range(E):
+        big = sample_posterior(svi, random.key(e), params, x, y, num_samples=4000)
+        loc, scale = params["w_auto_loc"][e], params["w_auto_scale"][e]
+        np.testing.assert_allclose(big["w"][e].mean(0), loc, atol=4 * float(scale.max()) / np.sqrt(4000) + 1e-4)
+        np.testing.assert_allclose(big["w"][e].std(0), scale, rtol=0.1)
+
+
+def test_map_draws_are_the_points(fitted):
+    x, y, _, _, ens, params = fitted
+    draws = sample_posterior(ens, random.key(0), params, x, y, num_samples=4)
+    points = ens.get_points(params)
+    np.testing.assert_array_equal(draws["w"], jnp.repeat(points["w"][:, None], 4, axis=1))
+
+
+def test_predictive_member_e_uses_member_e(fitted):
+    x, y, _, _, ens, params = fitted
+    x_new = jnp.array([-2.0, 0.0, 3.0])
+    pred = ensemble_predictive(ens, random.key(0), params, x_new, num_samples=2)
+    assert pred["f"].shape == (E, 2, 3) and pred["y"].shape == (E, 2, 3)
+    w = ens.get_points(params)["w"]
+    expected = w[:, 0, None] + w[:, 1, None] * x_new
+    np.testing.assert_allclose(pred["f"], jnp.repeat(expected[:, None], 2, axis=1), rtol=1e-5)
+    # The same draws through the user's own deterministic function.
+    np.testing.assert_allclose(
+        ensemble_predict(ens.get_points(params), lambda p, x: p["w"][0] + p["w"][1] * x, x_new), expected, rtol=1e-6
+    )
+    only = ensemble_predictive(ens, random.key(0), params, x_new, num_samples=2, return_sites=["f"])
+    assert set(only) == {"f"}
+
+
+def test_predictive_of_training_data(fitted):
+    x, y, svi, params, *_ = fitted
+    kept = ensemble_predictive(svi, random.key(0), params, x, y, num_samples=3)
+    np.testing.assert_array_equal(kept["y"], jnp.broadcast_to(y, (E, 3, 10)))  # conditioned
+    fresh = ensemble_predictive(svi, random.key(0), params, x, y, num_samples=3, resample_observed=True)
+    assert fresh["y"].shape == (E, 3, 10) and not jnp.any(fresh["y"] == y)
+
+
+def test_predictive_reuses_given_draws(fitted):
+    x, y, svi, params, *_ = fitted
+    draws = sample_posterior(svi, random.key(3), params, x, y, num_samples=5)
+    pred = ensemble_predictive(svi, random.key(4), params, x, posterior_samples=draws)
+    np.testing.assert_allclose(pred["f"], draws["w"][..., :1] + draws["w"][..., 1:] * x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, exc", [(0, ValueError), (-2, ValueError), (1.5, TypeError)])
+def test_bad_num_samples(fitted, bad, exc):
+    x, y, svi, params, *_ = fitted
+    with pytest.raises(exc, match="num_samples"):
+        sample_posterior(svi, random.key(0), params, x, y, num_samples=bad)
+
+
+def test_params_of_other_size(fitted):
+    x, y, svi, params, *_ = fitted
+    other = jax.tree.map(lambda p: p[:2], params)
+    with pytest.raises(ValueError, match="ensemble_size=3"):
+        sample_posterior(svi, random.key(0), other, x, y)
+
+
+def test_mcmc_init_params_round_trip_and_nuts_start(fitted):
+    x, y, _, _, ens, params = fitted
+    init = mcmc_init_params(ens, random.key(0), params, x, y)
+    points = ens.get_points(params)
+    assert init["sigma"].shape == (E,)
+    np.testing.assert_allclose(init["sigma"], jnp.log(points["sigma"]), rtol=1e-5)  # unconstrained
+    back = jax.vmap(lambda z: constrain_fn(model_with_f, (x, y), {}, z))(init)
+    np.testing.assert_allclose(back["w"], points["w"], rtol=1e-5)
+    # NUTS with a tiny fixed step size barely moves from where it starts.
+    kernel = NUTS(model_with_f, step_size=1e-7, adapt_step_size=False, max_tree_depth=1)
+    mcmc = MCMC(kernel, num_warmup=0, num_samples=1, num_chains=E, chain_method="vectorized", progress_bar=False)
+    mcmc.run(random.key(1), x, y, init_params=init)
+    first = mcmc.get_samples(group_by_chain=True)
+    np.testing.assert_allclose(first["w"][:, 0], points["w"], atol=1e-4)
+    np.testing.assert_allclose(first["sigma"][:, 0], points["sigma"], rtol=1e-4)
+
+
+def test_mcmc_init_params_chain_counts(fitted):
+    x, y, svi, params, ens, map_params = fitted
+    assert mcmc_init_params(svi, random.key(0), params, x, y, num_chains=2)["w"].shape == (2, 2)
+    assert mcmc_init_params(svi, random.key(0), params, x, y, num_chains=1)["w"].shape == (2,)
+    more = mcmc_init_params(svi, random.key(0), params, x, y, num_chains=7, resample=True)
+    assert more["w"].shape == (7, 2) and len(np.unique(np.asarray(more["w"][:, 0]))) == 7
+    with pytest.raises(ValueError, match="num_chains=5 is larger than ensemble_size=3"):
+        mcmc_init_params(ens, random.key(0), map_params, x, y, num_chains=5)
+    with pytest.raises(ValueError, match="num_chains"):
+        mcmc_init_params(ens, random.key(0), map_params, x, y, num_chains=0)
+
+
+def test_autocontinuous_guides_sample_by_site(regression_data):
+    x, y = regression_data
+    svi = EnsembleSVI(regression_model, AutoDiagonalNormal(regression_model), optax.adam(0.02), Trace_ELBO(), ensemble_size=2)
+    params = svi.run(random.key(0), 20, x, y, progress_bar=False).params
+    draws = sample_posterior(svi, random.key(1), params, x, y, num_samples=3)
+    assert set(draws) == {"w", "sigma"} and draws["w"].shape == (2, 3, 2)
