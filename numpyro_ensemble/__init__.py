@@ -1,5 +1,6 @@
 """Ensembles of SVI and MAP fits of one NumPyro model."""
 
+from numpyro_ensemble.arviz_export import to_arviz
 from numpyro_ensemble.elbo import TemperedTrace_ELBO
 from numpyro_ensemble.map import EnsembleMAP
 from numpyro_ensemble.mcmc import mcmc_init_params
@@ -17,6 +18,7 @@ __all__ = [
     "ensemble_svi",
     "mcmc_init_params",
     "sample_posterior",
+    "to_arviz",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,159 @@
+"""Export a fitted ensemble to ArviZ: members as chains, draws per member as draws."""
+
+from __future__ import annotations
+
+import jax
+from jaxtyping import PRNGKeyArray
+import numpy as np
+from numpyro.handlers import seed, substitute, trace
+from numpyro.infer import log_likelihood
+from numpyro.infer.svi import SVIRunResult
+
+from numpyro_ensemble.posterior import ensemble_predictive, sample_posterior
+
+__all__ = ["to_arviz"]
+
+
+def _plate_dims(model_trace) -> dict[str, list[str]]:
+    """Dim names of every sample/deterministic site from its plates (NumPyro's own
+    names); dims no plate covers get ArviZ's default ``{site}_dim_{i}``."""
+    dims = {}
+    for name, site in model_trace.items():
+        if site["type"] not in ("sample", "deterministic"):
+            continue
+        shape = np.shape(site["value"])
+        event_dim = site["fn"].event_dim if site["type"] == "sample" else 0
+        batch_ndim = len(shape) - event_dim
+        names = [f"{name}_dim_{i}" for i in range(len(shape))]
+        for frame in site.get("cond_indep_stack", ()):
+            axis = batch_ndim + frame.dim
+            if 0 <= axis < batch_ndim:
+                names[axis] = frame.name
+        if any(not n.startswith(f"{name}_dim_") for n in names):
+            dims[name] = names
+    return dims
+
+
+def _observed_sites(model_trace) -> dict:
+    return {
+        name: site["value"]
+        for name, site in model_trace.items()
+        if site["type"] == "sample"
+        and site["is_observed"]
+        and not site["infer"].get("is_auxiliary", False)  # numpyro.factor
+    }
+
+
+def _arviz_major() -> int:
+    import arviz
+
+    return int(arviz.__version__.split(".")[0])
+
+
+def to_arviz(
+    ensemble,
+    rng_key: PRNGKeyArray,
+    result: SVIRunResult | dict,
+    *args,
+    num_samples: int = 100,
+    constant_data: dict | None = None,
+    coords: dict | None = None,
+    dims: dict | None = None,
+    **kwargs,
+):
+    """
+    Converts a fitted ensemble to the data structure of the installed ArviZ.
+
+    Chain ``e`` is ensemble member ``e``; its draws are ``num_samples`` draws from
+    member ``e``'s guide (for an :class:`~numpyro_ensemble.EnsembleMAP`, its point
+    repeated). Groups:
+
+    - ``posterior``: the latent sites and the model's deterministic sites;
+    - ``posterior_predictive``: the observed sites, drawn given each posterior draw;
+    - ``log_likelihood``: pointwise log-likelihood of each observed site at each
+      draw (so ``az.loo`` / ``az.waic`` / ``az.compare`` work);
+    - ``observed_data``, and ``constant_data`` when given;
+    - ``sample_stats``: ``member`` (the member index) and, given a run result,
+      ``loss`` (the member's final loss), per chain and draw.
+
+    Dim names come from the model's plates; ``coords`` and ``dims`` work as in
+    ``az.from_numpyro`` (``dims`` maps a site name to the names of its dims after
+    ``chain, draw``) and take precedence.
+
+    With ArviZ 0.x the result is an ``arviz.InferenceData``; with ArviZ >= 1.0 an
+    ``xarray.DataTree``.
+
+    :param ensemble: a fitted :class:`~numpyro_ensemble.EnsembleSVI` or ``EnsembleMAP``.
+    :param jax.random.key rng_key: random number generator seed.
+    :param result: ``run(...)``'s :data:`~numpyro.infer.svi.SVIRunResult`, or the params.
+    :param args: the model's arguments with the observed data (as used for fitting).
+    :param int num_samples: draws per member.
+    :param dict constant_data: values for the ``constant_data`` group (e.g. inputs).
+    :param dict coords: coordinate values by dim name.
+    :param dict dims: dim names by site name.
+    :param kwargs: the model's keyword arguments.
+    """
+    losses = None
+    params = result
+    if isinstance(result, SVIRunResult):
+        params, losses = result.params, result.losses
+    post_key, pred_key = jax.random.split(rng_key)
+    draws = sample_posterior(ensemble, post_key, params, *args, num_samples=num_samples, **kwargs)
+    E, S = ensemble.ensemble_size, num_samples
+
+    model_kwargs = {**kwargs, **ensemble.static_kwargs}
+    one_draw = jax.tree.map(lambda v: v[0, 0], draws)
+    model_trace = trace(substitute(seed(ensemble.model, 0), one_draw)).get_trace(*args, **model_kwargs)
+    observed = _observed_sites(model_trace)
+    deterministic = [n for n, s in model_trace.items() if s["type"] == "deterministic"]
+
+    predicted = ensemble_predictive(
+        ensemble, pred_key, params, *args,
+        posterior_samples=draws, resample_observed=True,
+        return_sites=list(observed) + deterministic, **kwargs,
+    )
+    posterior = {**draws, **{n: predicted[n] for n in deterministic}}
+    posterior_predictive = {n: predicted[n] for n in observed}
+    pointwise = log_likelihood(ensemble.model, draws, *args, batch_ndims=2, **model_kwargs)
+    pointwise = {n: v for n, v in pointwise.items() if n in observed}
+
+    member = np.broadcast_to(np.arange(E)[:, None], (E, S))
+    sample_stats = {"member": member}
+    if losses is not None:
+        sample_stats["loss"] = np.broadcast_to(np.asarray(losses)[:, -1:], (E, S))
+
+    groups = {
+        "posterior": posterior,
+        "posterior_predictive": posterior_predictive,
+        "log_likelihood": pointwise,
+        "observed_data": observed,
+        "sample_stats": sample_stats,
+    }
+    if constant_data:
+        groups["constant_data"] = constant_data
+    groups = {g: {k: np.asarray(v) for k, v in data.items()} for g, data in groups.items()}
+
+    all_dims = _plate_dims(model_trace)
+    known = set().union(*(set(data) for data in groups.values()))
+    unknown = sorted(set(dims or {}) - known)
+    if unknown:
+        raise ValueError(
+            f"dims names unknown sites {unknown}; the exported sites are {sorted(known)}."
+        )
+    all_dims.update(dims or {})
+    all_dims = {k: list(v) for k, v in all_dims.items() if k in known}
+    used = {d for names in all_dims.values() for d in names}
+    unused = sorted(set(coords or {}) - used)
+    if unused:
+        raise ValueError(
+            f"coords names dims {unused} that no site uses; the dims are {sorted(used)}."
+        )
+    return _from_dict(groups, coords=coords, dims=all_dims)
+
+
+def _from_dict(groups, *, coords, dims):
+    import arviz as az
+
+    if _arviz_major() >= 1:
+        return az.from_dict(groups, coords=coords, dims=dims)
+    return az.from_dict(**groups, coords=coords, dims=dims)
