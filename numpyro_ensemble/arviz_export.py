@@ -83,6 +83,11 @@ def to_arviz(
     With ArviZ 0.x the result is an ``arviz.InferenceData``; with ArviZ >= 1.0 an
     ``xarray.DataTree``.
 
+    .. note:: The draws of an ``EnsembleMAP`` member are all its one point, so
+        importance-sampling diagnostics (``az.loo``, ``az.compare``) have nothing
+        to work with: ArviZ 1.x refuses ("All tail values are the same") and
+        ArviZ 0.x warns. Use them on SVI ensembles.
+
     :param ensemble: a fitted :class:`~numpyro_ensemble.EnsembleSVI` or ``EnsembleMAP``.
     :param jax.random.key rng_key: random number generator seed.
     :param result: ``run(...)``'s :data:`~numpyro.infer.svi.SVIRunResult`, or the params.
