@@ -13,26 +13,15 @@ import jax
 import numpy as np
 
 
-def check_ensemble_size(ensemble_size) -> int:
-    if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, numbers.Integral):
+def check_positive_int(value, name: str) -> int:
+    """``ensemble_size``, ``num_steps``, ``num_samples``, ``num_chains``: an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(
-            f"ensemble_size must be a positive int, got {ensemble_size!r} "
-            f"of type {type(ensemble_size).__name__}."
+            f"{name} must be a positive int, got {value!r} of type {type(value).__name__}."
         )
-    if ensemble_size < 1:
-        raise ValueError(f"ensemble_size must be a positive int, got {ensemble_size}.")
-    return int(ensemble_size)
-
-
-def check_num_steps(num_steps) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
-        raise TypeError(
-            f"num_steps must be a positive int, got {num_steps!r} "
-            f"of type {type(num_steps).__name__}."
-        )
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int, got {num_steps}.")
-    return int(num_steps)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}.")
+    return int(value)
 
 
 def check_weight(value, name: str):

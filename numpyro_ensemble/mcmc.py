@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 from numpyro.infer.util import unconstrain_fn
 
+from numpyro_ensemble._checks import check_positive_int
 from numpyro_ensemble.posterior import sample_posterior
 
 __all__ = ["mcmc_init_params"]
@@ -71,9 +71,7 @@ def mcmc_init_params(
         for ``K = 1`` without the leading axis, as ``MCMC`` expects for one chain.
     """
     E = ensemble.ensemble_size
-    K = E if num_chains is None else num_chains
-    if isinstance(K, bool) or not isinstance(K, numbers.Integral) or K < 1:
-        raise ValueError(f"num_chains must be a positive int, got {num_chains!r}.")
+    K = E if num_chains is None else check_positive_int(num_chains, "num_chains")
     if K > E and not resample:
         raise ValueError(
             f"num_chains={K} is larger than ensemble_size={E}: pass resample=True to "

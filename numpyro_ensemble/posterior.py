@@ -8,7 +8,6 @@ as the second: ``(E, S, *site_shape)``, the ``(chain, draw)`` layout of
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-import numbers
 
 import jax
 from jax import random
@@ -17,17 +16,9 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import Predictive
 from numpyro.primitives import Messenger
 
-from numpyro_ensemble._checks import leading_sizes
+from numpyro_ensemble._checks import check_positive_int, leading_sizes
 
 __all__ = ["ensemble_predict", "ensemble_predictive", "sample_posterior"]
-
-
-def _check_num_samples(num_samples) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
-        raise TypeError(f"num_samples must be a positive int, got {num_samples!r}.")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples}.")
-    return int(num_samples)
 
 
 def _check_params(ensemble, params):
@@ -76,7 +67,7 @@ def sample_posterior(
     :param kwargs: keyword arguments to the guide.
     :return: ``{latent site name: array of shape (E, S, *site_shape)}``, constrained.
     """
-    num_samples = _check_num_samples(num_samples)
+    num_samples = check_positive_int(num_samples, "num_samples")
     _check_params(ensemble, params)
     names = latent_sites(ensemble, params, *args, **kwargs)
     kwargs = {**kwargs, **ensemble.static_kwargs}

@@ -22,7 +22,7 @@ from numpyro.infer.autoguide import (
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 import tqdm
 
-from numpyro_ensemble._checks import check_ensemble_size, check_num_steps, leading_sizes
+from numpyro_ensemble._checks import check_positive_int, leading_sizes
 
 __all__ = ["EnsembleSVI"]
 
@@ -183,7 +183,7 @@ class EnsembleSVI(SVI):
     """
 
     def __init__(self, model, guide, optim, loss, *, ensemble_size: int, **static_kwargs):
-        self.ensemble_size = check_ensemble_size(ensemble_size)
+        self.ensemble_size = check_positive_int(ensemble_size, "ensemble_size")
         try:
             super().__init__(model, guide, optim, loss, **static_kwargs)
         except TypeError as err:
@@ -443,7 +443,7 @@ class EnsembleSVI(SVI):
             with a leading ``(E,)`` axis on every params leaf and
             ``losses.shape == (E, num_steps)``.
         """
-        num_steps = check_num_steps(num_steps)
+        num_steps = check_positive_int(num_steps, "num_steps")
         if init_state is None:
             svi_state = self.init(rng_key, *args, init_params=init_params, **kwargs)
         else:
