@@ -133,12 +133,10 @@ def ensemble_predictive(
         posterior_samples = sample_posterior(
             ensemble, post_key, params, *args, num_samples=num_samples, **kwargs
         )
-    elif leading_sizes(posterior_samples) and {
-        jax.numpy.shape(v)[0] for v in posterior_samples.values()
-    } != {ensemble.ensemble_size}:
+    elif leading_sizes(posterior_samples) != {ensemble.ensemble_size}:
         raise ValueError(
             f"posterior_samples must have shape (E, S, ...) with E=ensemble_size="
-            f"{ensemble.ensemble_size}."
+            f"{ensemble.ensemble_size} on every site."
         )
     model = _unobserved(ensemble.model) if resample_observed else ensemble.model
     predictive = Predictive(

@@ -95,6 +95,9 @@ def test_predictive_reuses_given_draws(fitted):
     draws = sample_posterior(svi, random.key(3), params, x, y, num_samples=5)
     pred = ensemble_predictive(svi, random.key(4), params, x, posterior_samples=draws)
     np.testing.assert_allclose(pred["f"], draws["w"][..., :1] + draws["w"][..., 1:] * x, rtol=1e-5, atol=1e-6)
+    wrong = jax.tree.map(lambda v: v[:2], draws)
+    with pytest.raises(ValueError, match="posterior_samples must have shape"):
+        ensemble_predictive(svi, random.key(4), params, x, posterior_samples=wrong)
 
 
 @pytest.mark.parametrize("bad, exc", [(0, ValueError), (-2, ValueError), (1.5, TypeError)])
