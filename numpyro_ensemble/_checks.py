@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 
 import jax
 import numpy as np
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def check_positive_int(value, name: str) -> int:
@@ -50,3 +55,11 @@ def check_weight(value, name: str):
 def leading_sizes(tree) -> set:
     """The set of leading-axis sizes over the array leaves of ``tree`` (None for scalars)."""
     return {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(tree)}
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -9,6 +9,7 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import log_likelihood
 from numpyro.infer.svi import SVIRunResult
 
+from numpyro_ensemble.members import has_per_member
 from numpyro_ensemble.posterior import ensemble_predictive, sample_posterior
 
 __all__ = ["to_arviz"]
@@ -98,6 +99,12 @@ def to_arviz(
     :param dict dims: dim names by site name.
     :param kwargs: the model's keyword arguments.
     """
+    if has_per_member((args, kwargs)):
+        raise ValueError(
+            "to_arviz: the data differ between members (per_member), but ArviZ's "
+            "observed_data and log_likelihood groups hold one data set; export the "
+            "members of each data set separately."
+        )
     losses = None
     params = result
     if isinstance(result, SVIRunResult):

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-import jax
+from collections import OrderedDict
+
 from jaxtyping import PRNGKeyArray
-from numpyro.handlers import seed, trace
 from numpyro.infer.autoguide import AutoDelta
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.svi import SVIState
 
 from numpyro_ensemble._checks import check_weight
 from numpyro_ensemble.elbo import TemperedTrace_ELBO
+from numpyro_ensemble.inspection import ModelInfo, signature
+from numpyro_ensemble.members import SplitArgs, map_members
 from numpyro_ensemble.svi import EnsembleSVI
 
 __all__ = ["EnsembleMAP"]
+
+# AutoDelta guides by (model, init_loc_fn, argument shapes): EnsembleMAPs of one model
+# on data of one shape share a guide, so the later ones reuse the compiled programs
+# (the programs are kept per guide); data of another shape gets a guide of its own.
+_GUIDES_KEPT = 64
+_guides: OrderedDict = OrderedDict()
 
 
 class EnsembleMAP(EnsembleSVI):
@@ -89,6 +97,7 @@ class EnsembleMAP(EnsembleSVI):
         **static_kwargs,
     ):
         self.prior_weight = check_weight(prior_weight, "prior_weight")
+        self._init_loc_fn = init_loc_fn
         super().__init__(
             model,
             AutoDelta(model, init_loc_fn=init_loc_fn),
@@ -98,28 +107,36 @@ class EnsembleMAP(EnsembleSVI):
             **static_kwargs,
         )
 
-    def _validate_model(self, args, kwargs):
-        model_trace = trace(seed(self.model, 0)).get_trace(
-            *args, **kwargs, **self.static_kwargs
-        )
-        latent = {
-            name: site
-            for name, site in model_trace.items()
-            if site["type"] == "sample" and not site["is_observed"]
-        }
-        if not latent:
+    def _validate_model(self, info: ModelInfo):
+        if not info.latent:
             raise ValueError(
                 "EnsembleMAP: the model has no latent sample sites (every sample "
                 "site is observed), so there is nothing to fit."
             )
-        discrete = sorted(
-            name for name, site in latent.items() if site["fn"].support.is_discrete
-        )
-        if discrete:
+        if info.discrete:
             raise ValueError(
                 f"EnsembleMAP fits continuous latent sites only, but the model has "
-                f"discrete latent sites {discrete}. Marginalise them out or observe them."
+                f"discrete latent sites {sorted(info.discrete)}. Marginalise them out "
+                f"or observe them."
             )
+
+    def _inspect(self, split: SplitArgs) -> ModelInfo:
+        info = super()._inspect(split)
+        key = (self._init_loc_fn, signature(self.model, split, self.static_kwargs))
+        try:
+            guide = _guides.get(key)
+        except TypeError:  # an unhashable static value: keep this object's guide
+            return info
+        if guide is None:
+            if self.guide.prototype_trace is not None:  # set up for other shapes
+                self.guide = AutoDelta(self.model, init_loc_fn=self._init_loc_fn)
+            guide = _guides[key] = self.guide
+            if len(_guides) > _GUIDES_KEPT:
+                _guides.popitem(last=False)
+        _guides.move_to_end(key)
+        if guide is not self.guide:
+            self.guide, self.constrain_fn = guide, None
+        return info
 
     def get_points(self, params_or_state: dict | SVIState) -> dict:
         """
@@ -133,7 +150,7 @@ class EnsembleMAP(EnsembleSVI):
         if isinstance(params_or_state, SVIState):
             params = self.get_params(params_or_state)
         self._check_initialized("get_points")
-        return jax.vmap(self.guide.median)(params)
+        return map_members(lambda member, _: self.guide.median(member), params)
 
     def init(self, rng_key: PRNGKeyArray, *args, init_params=None, **kwargs) -> SVIState:
         """As :meth:`EnsembleSVI.init`. ``init_params`` may also be given by the
@@ -143,6 +160,8 @@ class EnsembleMAP(EnsembleSVI):
         )
 
     def _param_names(self, init_params):
+        if callable(init_params):
+            return lambda rng_key: self._param_names(init_params(rng_key))
         if not isinstance(init_params, dict):
             return init_params
         suffix = f"_{self.guide.prefix}_loc"

@@ -10,6 +10,7 @@ from jaxtyping import PRNGKeyArray
 from numpyro.infer.util import unconstrain_fn
 
 from numpyro_ensemble._checks import check_positive_int
+from numpyro_ensemble.members import has_per_member
 from numpyro_ensemble.posterior import sample_posterior
 
 __all__ = ["mcmc_init_params"]
@@ -70,6 +71,11 @@ def mcmc_init_params(
     :return: ``{latent site name: unconstrained array of shape (K, *site_shape)}``;
         for ``K = 1`` without the leading axis, as ``MCMC`` expects for one chain.
     """
+    if has_per_member((args, kwargs)):
+        raise ValueError(
+            "mcmc_init_params: the data differ between members (per_member), but MCMC "
+            "runs the model on one data set; pass that data set's arrays, unwrapped."
+        )
     E = ensemble.ensemble_size
     K = E if num_chains is None else check_positive_int(num_chains, "num_chains")
     if K > E and not resample:

@@ -17,6 +17,7 @@ from numpyro.infer import Predictive
 from numpyro.primitives import Messenger
 
 from numpyro_ensemble._checks import check_positive_int, leading_sizes
+from numpyro_ensemble.members import apply_members, map_members, member_args
 
 __all__ = ["ensemble_predict", "ensemble_predictive", "sample_posterior"]
 
@@ -34,6 +35,7 @@ def _check_params(ensemble, params):
 def latent_sites(ensemble, params, *args, **kwargs) -> list[str]:
     """Names of the model's latent sites that the guide samples (auxiliary sites left out)."""
     member = jax.tree.map(lambda leaf: leaf[0], params)
+    args, kwargs = member_args(args, kwargs, 0)
     guide_trace = trace(substitute(seed(ensemble.guide, 0), member)).get_trace(
         *args, **kwargs, **ensemble.static_kwargs
     )
@@ -70,16 +72,24 @@ def sample_posterior(
     num_samples = check_positive_int(num_samples, "num_samples")
     _check_params(ensemble, params)
     names = latent_sites(ensemble, params, *args, **kwargs)
-    kwargs = {**kwargs, **ensemble.static_kwargs}
 
-    def draw(member_params, key):
+    def draw(member, args, kwargs):
+        member_params, key = member
         predictive = Predictive(
             ensemble.guide, params=member_params, num_samples=num_samples, return_sites=names
         )
-        return predictive(key, *args, **kwargs)
+        return predictive(key, *args, **kwargs, **ensemble.static_kwargs)
 
     keys = random.split(rng_key, ensemble.ensemble_size)
-    return jax.vmap(draw)(params, keys)
+    return _map(ensemble, draw, (params, keys), args, kwargs)
+
+
+def _map(ensemble, fn, mapped, args, kwargs):
+    """``fn`` for every member, with the member's own slice of per-member data."""
+    return apply_members(
+        fn, mapped, ensemble._split(args, kwargs),
+        mesh=ensemble.mesh, members_per_chunk=ensemble.members_per_chunk,
+    )
 
 
 class _unobserved(Messenger):
@@ -139,14 +149,15 @@ def ensemble_predictive(
             f"{ensemble.ensemble_size} on every site."
         )
     model = _unobserved(ensemble.model) if resample_observed else ensemble.model
-    predictive = Predictive(
-        model,
-        posterior_samples=posterior_samples,
-        params=None,
-        return_sites=None if return_sites is None else list(return_sites),
-        batch_ndims=2,
-    )
-    return predictive(pred_key, *args, **kwargs, **ensemble.static_kwargs)
+    return_sites = None if return_sites is None else list(return_sites)
+
+    def predict(member, args, kwargs):
+        samples, key = member
+        predictive = Predictive(model, posterior_samples=samples, return_sites=return_sites)
+        return predictive(key, *args, **kwargs, **ensemble.static_kwargs)
+
+    keys = random.split(pred_key, ensemble.ensemble_size)
+    return _map(ensemble, predict, (posterior_samples, keys), args, kwargs)
 
 
 def ensemble_predict(
@@ -162,4 +173,4 @@ def ensemble_predict(
     :param inputs: inputs shared by all members.
     :return: predictions with a leading ``(E,)`` axis.
     """
-    return jax.vmap(predict_fn, in_axes=(0,) + (None,) * len(inputs))(params, *inputs)
+    return map_members(lambda member, inputs: predict_fn(member, *inputs), params, inputs)

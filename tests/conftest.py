@@ -52,3 +52,23 @@ def _data(leaf):
     if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
         return random.key_data(leaf)
     return leaf
+
+
+def pytest_configure(config):
+    """Most of the suite's time is XLA compiling programs that other tests compiled
+    already (the same model and guide on new objects): share them through JAX's
+    persistent compilation cache, in a directory that lives as long as the session
+    (made once by the main process; pytest-xdist workers inherit it)."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    path = os.environ.get("NUMPYRO_ENSEMBLE_TEST_JAX_CACHE")
+    if path is None:
+        path = tempfile.mkdtemp(prefix="numpyro-ensemble-jax-cache-")
+        os.environ["NUMPYRO_ENSEMBLE_TEST_JAX_CACHE"] = path
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

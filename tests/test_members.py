@@ -1,0 +1,214 @@
+"""The ensemble axis: per-member data, pytree and per-member init_params, members that
+start identical (network modules, init_to_value, keyless params)."""
+
+import warnings
+
+from conftest import member, regression_model, tree_allclose
+import jax
+from jax import random
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoDelta, AutoNormal
+from numpyro.infer.initialization import init_to_value
+import optax
+import pytest
+
+from numpyro_ensemble import EnsembleMAP, EnsembleSVI, IdenticalMembersWarning, per_member
+
+E = 3
+
+
+def folds(n=10):
+    """E regression data sets of one size, slopes 1, 2, 3: per-member (E, n) arrays."""
+    xs = jnp.linspace(-1.0, 1.0, n) + 0.1 * jnp.arange(E)[:, None]
+    ys = 0.5 + (1.0 + jnp.arange(E)[:, None]) * xs
+    return xs, ys + 0.1 * random.normal(random.key(3), ys.shape)
+
+
+def identical_warnings(record):
+    return [w for w in record if issubclass(w.category, IdenticalMembersWarning)]
+
+
+def test_per_member_data_member_is_plain_svi_on_its_fold():
+    """Member e fitted on per_member data takes plain SVI's steps on fold e."""
+    xs, ys = folds()
+    guide = AutoNormal(regression_model)
+    esvi = EnsembleSVI(regression_model, guide, optax.adam(0.05), Trace_ELBO(), ensemble_size=E)
+    start = esvi.init(random.key(0), per_member(xs), per_member(ys))
+    result = esvi.run(random.key(0), 30, per_member(xs), per_member(ys), progress_bar=False,
+                      init_state=start)
+    plain = SVI(regression_model, guide, optax.adam(0.05), Trace_ELBO())
+    plain.constrain_fn = esvi.constrain_fn
+    update = jax.jit(plain.update)
+    evaluated = jax.jit(esvi.evaluate)(result.state, per_member(xs), y=per_member(ys))
+    for e in range(E):
+        state = member(start, e)
+        for t in range(30):
+            state, loss = update(state, xs[e], ys[e])
+            np.testing.assert_allclose(result.losses[e, t], loss, rtol=1e-5)
+        tree_allclose(member(result.state, e), state, rtol=1e-5, atol=1e-6)
+        # evaluate takes per-member data too, also as keyword arguments
+        np.testing.assert_allclose(evaluated[e], jax.jit(plain.evaluate)(state, xs[e], ys[e]), rtol=1e-5)
+    _, losses = jax.jit(esvi.update)(result.state, per_member(xs), per_member(ys))
+    assert losses.shape == (E,)
+
+
+def test_per_member_and_shared_data_mix():
+    """Per-member targets with shared inputs: each member recovers its own slope (MLE)."""
+    xs, ys = folds()
+    ens = EnsembleMAP(regression_model, optax.adam(0.05), ensemble_size=E, prior_weight=0.0)
+    result = ens.run(random.key(1), 1500, xs[0], per_member(ys), progress_bar=False)
+    points = ens.get_points(result.params)
+    X = jnp.stack([jnp.ones_like(xs[0]), xs[0]], axis=1)
+    for e in range(E):
+        expected = jnp.linalg.lstsq(X, ys[e])[0]
+        np.testing.assert_allclose(points["w"][e], expected, atol=2e-3)
+
+
+def test_per_member_data_of_wrong_leading_size_is_a_clear_error():
+    xs, ys = folds()
+    esvi = EnsembleSVI(regression_model, AutoNormal(regression_model), optax.adam(0.05),
+                       Trace_ELBO(), ensemble_size=E + 1)
+    with pytest.raises(ValueError, match=r"per_member data must have a leading axis of size ensemble_size=4.*\(3, 10\)"):
+        esvi.run(random.key(0), 5, per_member(xs), per_member(ys))
+    with pytest.raises(ValueError, match="per_member data"):
+        esvi.init(random.key(0), xs[0], per_member(jnp.float32(1.0)))
+
+
+def net_model(x, y=None):
+    """A tiny flax linen network through numpyro.contrib.module (key-dependent init)."""
+    from flax import linen
+    from numpyro.contrib.module import flax_module
+
+    class Net(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.Dense(1)(jnp.tanh(linen.Dense(4)(x)))[:, 0]
+
+    f = flax_module("net", Net(), input_shape=(1, 1))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("y", dist.Normal(f(x), 0.1), obs=y)
+
+
+def empty_guide(x, y=None):
+    pass
+
+
+def test_flax_linen_members_differ_and_pytree_init_params():
+    x = jnp.linspace(-1.0, 1.0, 8)[:, None]
+    y = jnp.sin(2.0 * x[:, 0])
+    esvi = EnsembleSVI(net_model, empty_guide, optax.adam(0.01), Trace_ELBO(), ensemble_size=E)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        state = esvi.init(random.key(0), x, y)
+    assert not identical_warnings(record)
+    params = esvi.get_params(state)["net$params"]
+    kernel = params["Dense_0"]["kernel"]
+    assert kernel.shape == (E, 4, 1)
+    assert float(jnp.abs(kernel[0] - kernel[1]).max()) > 1e-3  # distinct members
+    # A pytree init value, shared by every member...
+    shared = member(params, 2)
+    with pytest.warns(IdenticalMembersWarning):  # every member starts at the same point
+        got = esvi.get_params(esvi.init(random.key(5), x, y, init_params={"net$params": shared}))
+    tree_allclose(got["net$params"], jax.tree.map(lambda v: jnp.broadcast_to(v, (E, *v.shape)), shared))
+    # ... or one per member (a leading (E,) axis on every leaf).
+    flipped = jax.tree.map(lambda v: v[::-1], params)
+    got = esvi.get_params(esvi.init(random.key(5), x, y, init_params={"net$params": flipped}))
+    tree_allclose(got["net$params"], flipped)
+    with pytest.raises(ValueError, match=r"init_params\['net\$params'\] has the structure"):
+        esvi.init(random.key(0), x, y, init_params={"net$params": {"params": {}}})
+    bad = jax.tree.map(lambda v: jnp.zeros((E + 1, *v.shape[1:])), params)
+    with pytest.raises(ValueError, match=r"init_params\['net\$params'\] has shapes"):
+        esvi.init(random.key(0), x, y, init_params={"net$params": bad})
+
+
+def test_nnx_members_start_identical_warn_and_an_init_function_fixes_it():
+    from flax import nnx
+    from numpyro.contrib.module import nnx_module
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(1, 4, rngs=rngs)
+            self.out = nnx.Linear(4, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(jnp.tanh(self.hidden(x)))[:, 0]
+
+    eager = Net(nnx.Rngs(0))  # numpyro's pattern: the network is built eagerly, once
+
+    def model(x, y=None):
+        f = nnx_module("net", eager)
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("y", dist.Normal(f(x), 0.1), obs=y)
+
+    x = jnp.linspace(-1.0, 1.0, 8)[:, None]
+    y = jnp.sin(2.0 * x[:, 0])
+    esvi = EnsembleSVI(model, empty_guide, optax.adam(0.01), Trace_ELBO(), ensemble_size=E)
+    with pytest.warns(IdenticalMembersWarning, match=r"\['net\$params'\] start identical in all 3 members") as record:
+        result = esvi.run(random.key(0), 5, x, y, progress_bar=False)
+    assert record[0].filename == __file__  # points at the user's line
+    kernel = result.params["net$params"]["hidden"]["kernel"]
+    np.testing.assert_array_equal(kernel[0], kernel[1])  # a deterministic loss: copies stay copies
+
+    def init_net(rng_key):  # one network per member, built from the member's key
+        return {"net$params": nnx.to_pure_dict(nnx.state(Net(nnx.Rngs(rng_key)), nnx.Param))}
+
+    fresh = EnsembleSVI(model, empty_guide, optax.adam(0.01), Trace_ELBO(), ensemble_size=E)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = fresh.run(random.key(0), 5, x, y, progress_bar=False, init_params=init_net)
+    assert not identical_warnings(record)
+    kernel = result.params["net$params"]["hidden"]["kernel"]
+    assert float(jnp.abs(kernel[0] - kernel[1]).max()) > 1e-3
+    # the function is evaluated with a key of each member's own, reproducibly
+    again = fresh.init(random.key(0), x, y, init_params=init_net)
+    tree_allclose(fresh.get_params(again), fresh.get_params(fresh.init(random.key(0), x, y, init_params=init_net)))
+
+
+@pytest.mark.parametrize("case", ["init_to_value", "keyless_param"])
+def test_identical_starts_warn_once(case, regression_data):
+    x, y = regression_data
+    if case == "init_to_value":
+        ens = EnsembleMAP(regression_model, optax.adam(0.01), ensemble_size=E,
+                          init_loc_fn=init_to_value(values={"w": jnp.array([0.3, -0.2]), "sigma": 1.0}))
+        names = r"\['sigma_auto_loc', 'w_auto_loc'\]"
+    else:
+        def guide(x, y=None):
+            loc = numpyro.param("w_loc", jnp.array([0.1, 0.2]))
+            numpyro.sample("w", dist.Normal(loc, 0.1).to_event(1))
+            s = numpyro.param("s", 1.0, constraint=constraints.positive)
+            numpyro.sample("sigma", dist.Delta(s))
+
+        ens = EnsembleSVI(regression_model, guide, optax.adam(0.01), Trace_ELBO(), ensemble_size=E)
+        names = r"\['s', 'w_loc'\]"
+    with pytest.warns(IdenticalMembersWarning, match=names):
+        ens.init(random.key(0), x, y)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ens.init(random.key(1), x, y)
+    assert not identical_warnings(record)  # once per object
+
+
+def test_default_inits_do_not_warn(regression_data):
+    """AutoNormal's scales start equal in all members (a constant): not a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IdenticalMembersWarning)
+        EnsembleSVI(regression_model, AutoNormal(regression_model), optax.adam(0.01), Trace_ELBO(),
+                    ensemble_size=E).init(random.key(0), *regression_data)
+        EnsembleSVI(regression_model, AutoDelta(regression_model), optax.adam(0.01), Trace_ELBO(),
+                    ensemble_size=E).init(random.key(0), *regression_data)
+        # shared init_params for one site, the others random: as asked, no warning
+        EnsembleSVI(regression_model, AutoNormal(regression_model), optax.adam(0.01), Trace_ELBO(),
+                    ensemble_size=E).init(random.key(0), *regression_data,
+                                          init_params={"w_auto_loc": jnp.array([1.0, 2.0])})
+
+
+def test_init_params_function_must_return_a_dict(regression_data):
+    esvi = EnsembleSVI(regression_model, AutoNormal(regression_model), optax.adam(0.01), Trace_ELBO(),
+                       ensemble_size=E)
+    with pytest.raises(TypeError, match="must return a dict"):
+        esvi.init(random.key(0), *regression_data, init_params=lambda key: random.normal(key))
