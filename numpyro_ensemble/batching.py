@@ -8,11 +8,14 @@ accelerators, which costs more than the step itself on small models. Instead
 subsampled plate (through NumPyro's ``substitute`` handler, as ``HMCECS`` does)
 from a cheap per-member stream:
 
-- ``"epoch"`` (default): each member shuffles the ``N`` points once per epoch
-  (one permutation per member per epoch, made when an epoch starts) and takes
-  consecutive slices of ``B``; every point is used once per epoch. Epochs run
-  on without a gap: a batch that crosses the end of an epoch takes its last
-  points from the next epoch's shuffle.
+- ``"epoch"`` (default): each member visits the ``N`` points in a new random
+  order every epoch, ``B`` at a time, so every point is used once per epoch.
+  Epochs run on without a gap: a batch that crosses the end of an epoch takes its
+  last points from the next epoch's order. The order is a keyed pseudo-random
+  permutation evaluated only at the batch's positions (a four-round Feistel
+  network with cycle walking, seeded per member and epoch by an integer hash), so nothing of size ``N`` is stored or sorted: a
+  shuffle by ``jax.random.permutation`` sorts ``N`` keys, which on a CPU cost
+  more than the steps of a whole epoch of a small model.
 - ``"iid"``: ``B`` indices drawn uniformly with replacement at every step.
 - ``"numpyro"``: NumPyro draws them, exactly as a plain ``SVI`` run does.
 
@@ -73,13 +76,12 @@ def check_mode(subsample: str) -> str:
 
 class Stream(NamedTuple):
     """Where the members' batch streams stand: the step count ``t`` and, per plate
-    (``"epoch"`` mode), the current epoch, the offset into it and the members'
-    shuffles of that epoch ``(E, N)``."""
+    (``"epoch"`` mode), the current epoch and the offset into it (shared by all
+    members, who move in step)."""
 
     t: Int[Array, ""]
     epochs: tuple
     offsets: tuple
-    perms: tuple
 
 
 def stream_keys(member_keys: PRNGKeyArray) -> PRNGKeyArray:
@@ -87,36 +89,67 @@ def stream_keys(member_keys: PRNGKeyArray) -> PRNGKeyArray:
     return jax.vmap(lambda k: random.fold_in(k, _STREAM_TAG))(member_keys)
 
 
-def _shuffles(keys, plate_index, epoch, size, map_options):
-    def shuffle(key, _):
-        key = random.fold_in(random.fold_in(key, plate_index), epoch)
-        return random.permutation(key, size).astype(jnp.int32)
-
-    return map_members(shuffle, keys, **map_options)
-
-
 def position_at(plates, mode, t0: int) -> Stream:
-    """The step count and, per plate, the epoch and the offset into it at step ``t0``
-    (computed on the host with Python ints); no shuffles yet."""
+    """The stream at step ``t0``: positions computed on the host with Python ints, so
+    they are exact however long the run."""
     epochs, offsets = [], []
     if mode == "epoch":
         for plate in plates:
             epoch, offset = divmod(t0 * plate.subsample_size, plate.size)
             epochs.append(np.int32(epoch))
             offsets.append(np.int32(offset))
-    return Stream(np.int32(t0), tuple(epochs), tuple(offsets), ())
+    return Stream(np.int32(t0), tuple(epochs), tuple(offsets))
 
 
-def with_shuffles(plates, mode, keys, position: Stream, map_options=None) -> Stream:
-    """``position`` with the members' shuffles of its current epochs, ``(E, N)`` per plate."""
-    if mode != "epoch":
-        return position
-    map_options = map_options or {}
-    perms = tuple(
-        _shuffles(keys, i, position.epochs[i], plate.size, map_options)
-        for i, plate in enumerate(plates)
+# -- a keyed permutation of range(N), evaluated pointwise ---------------------------
+
+_ROUNDS = 4
+_GOLDEN = 0x9E3779B9
+
+
+def _mix(x):
+    """A 32-bit integer hash (Wellons' "lowbias32")."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _feistel(x, seed, bits: int):
+    """A bijection of ``range(2 ** bits)`` set by ``seed``: ``_ROUNDS`` rounds of an
+    unbalanced Feistel network (the two halves swap widths every round)."""
+    widths = (bits // 2, bits - bits // 2)
+    left, right = x >> widths[1], x & jnp.uint32((1 << widths[1]) - 1)
+    for k in range(_ROUNDS):
+        left_bits = widths[k % 2]
+        round_key = _mix(seed + jnp.uint32(((k + 1) * _GOLDEN) % 2**32))
+        left, right = right, left ^ (_mix(right ^ round_key) & jnp.uint32((1 << left_bits) - 1))
+    return (left << widths[(_ROUNDS - 1) % 2]) | right
+
+
+def permuted(seed, positions, size: int):
+    """``positions`` (``< size``) sent through a pseudo-random permutation of
+    ``range(size)`` set by ``seed`` (uint32, broadcast against ``positions``).
+
+    The Feistel network permutes ``range(M)``, ``M = 2 ** bits`` the smallest power
+    of two ``>= size``; values that land at or above ``size`` are sent through it
+    again (cycle walking, on average fewer than one more pass as ``M < 2 size``)
+    until they land below: that restricts it to a permutation of ``range(size)``.
+    """
+    bits = max(2, int(size - 1).bit_length())
+    x = _feistel(positions.astype(jnp.uint32), seed, bits)
+    x = lax.while_loop(
+        lambda x: jnp.any(x >= size),
+        lambda x: jnp.where(x >= size, _feistel(x, seed, bits), x),
+        x,
     )
-    return position._replace(perms=perms)
+    return x.astype(jnp.int32)
+
+
+def _epoch_seed(member_seed, plate_index: int, epoch):
+    """The seed of one member's order of one plate in one epoch."""
+    return _mix(_mix(member_seed ^ jnp.uint32((plate_index * _GOLDEN) % 2**32)) + epoch.astype(jnp.uint32))
 
 
 def advance(plates, mode, keys, stream: Stream, map_options=None) -> tuple[dict, Stream]:
@@ -134,26 +167,23 @@ def advance(plates, mode, keys, stream: Stream, map_options=None) -> tuple[dict,
             indices[plate.name] = map_members(draw, keys, **map_options)
         return indices, stream._replace(t=stream.t + 1)
 
-    epochs, offsets, perms = [], [], []
+    epochs, offsets = [], []
     for i, plate in enumerate(plates):
         N, B = plate.size, plate.subsample_size
-        epoch, offset, perm = stream.epochs[i], stream.offsets[i], stream.perms[i]
-        # The predicate is the same for all members (the step count), so this is a
-        # real branch: the next shuffle is made once per epoch, not at every step.
-        crosses = offset + B >= N
-        following = lax.cond(
-            crosses,
-            lambda e=epoch, i=i, N=N: _shuffles(keys, i, e + 1, N, map_options),
-            lambda p=perm: p,
-        )
-        pos = offset + jnp.arange(B, dtype=jnp.int32)
-        here = jnp.take(perm, jnp.minimum(pos, N - 1), axis=1)
-        there = jnp.take(following, jnp.maximum(pos - N, 0), axis=1)
-        indices[plate.name] = jnp.where(pos < N, here, there)
-        epochs.append(epoch + crosses.astype(jnp.int32))
-        offsets.append(offset + B - N * crosses.astype(jnp.int32))
-        perms.append(following)
-    return indices, Stream(stream.t + 1, tuple(epochs), tuple(offsets), tuple(perms))
+        epoch, offset = stream.epochs[i], stream.offsets[i]
+        position = offset + jnp.arange(B, dtype=jnp.int32)
+        later = position >= N  # the batch runs into the next epoch (B <= N: by one at most)
+
+        def draw(key, _, i=i, N=N, epoch=epoch, position=position, later=later):
+            member_seed = random.bits(key, (), jnp.uint32)
+            seed = _epoch_seed(member_seed, i, epoch + later.astype(jnp.int32))
+            return permuted(seed, jnp.where(later, position - N, position), N)
+
+        indices[plate.name] = map_members(draw, keys, **map_options)
+        crosses = (offset + B >= N).astype(jnp.int32)
+        epochs.append(epoch + crosses)
+        offsets.append(offset + B - N * crosses)
+    return indices, Stream(stream.t + 1, tuple(epochs), tuple(offsets))
 
 
 def stream_indices(
@@ -170,6 +200,5 @@ def _stream_indices(keys, position, *, plates, mode, num_steps):
         indices, stream = advance(plates, mode, keys, stream)
         return stream, indices
 
-    stream = with_shuffles(plates, mode, keys, position)
-    _, out = lax.scan(body, stream, None, length=num_steps)
+    _, out = lax.scan(body, position, None, length=num_steps)
     return {name: jnp.swapaxes(v, 0, 1) for name, v in out.items()}

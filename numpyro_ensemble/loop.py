@@ -26,6 +26,7 @@ from numpyro_ensemble.members import (
     SplitArgs,
     apply_members,
     combine,
+    identical_flags,
     map_members,
     merge_args,
     partition,
@@ -45,6 +46,25 @@ BROADCAST_BYTES = 64 * 2**20
 
 _registry: dict = {}
 _registry_lock = threading.Lock()
+
+
+def hashable(value):
+    """``value`` if it is hashable, else its identity: a part of a program key."""
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return value
+
+
+def loss_key(loss):
+    """Losses of one type with equal settings compile to the same program."""
+    try:
+        settings = tuple(sorted(vars(loss).items()))
+        hash(settings)
+    except TypeError:
+        return ("id", id(loss))
+    return (type(loss), settings)
 
 
 def programs(ensemble) -> Programs:
@@ -72,21 +92,26 @@ class Programs:
             static_argnames=("static", "axes", "plates", "length", "stable_update", "forward_mode"),
         )
         self.get_params = jax.jit(self._get_params)
-        self.start_stream = jax.jit(self._start_stream, static_argnames=("plates",))
 
     @property
     def _map_options(self):
         return {"members_per_chunk": self.owner.members_per_chunk}
 
     def _init(self, keys, init_params, dynamic, *, static, axes):
+        """The members' initial states and, to tell whether members start identical,
+        the :func:`~numpyro_ensemble.members.identical_flags` of their params."""
         owner = self.owner
-        return apply_members(
+        state, params = apply_members(
             lambda m, args, kwargs: owner._init_member(*m, args, kwargs),
             (keys, init_params),
             SplitArgs(dynamic, axes, static),
             mesh=owner.mesh,
             **self._map_options,
         )
+        flags = identical_flags(params) if keys.shape[0] > 1 else {}
+        if owner.mesh is not None:
+            flags = jax.lax.with_sharding_constraint(flags, NamedSharding(owner.mesh, PartitionSpec()))
+        return state, flags
 
     def _get_params(self, state):
         member = self.owner._member()
@@ -97,9 +122,6 @@ class Programs:
             mesh=self.owner.mesh,
             **self._map_options,
         )
-
-    def _start_stream(self, keys, position, *, plates):
-        return batching.with_shuffles(plates, self.owner.subsample, keys, position, self._map_options)
 
     def _chunk(
         self, state, stream, keys, dynamic,
@@ -142,7 +164,7 @@ class Programs:
             (state, stream), losses = lax.scan(step, (state, stream), None, length=length)
             return state, stream, losses.T
 
-        stream_members = batching.Stream(t=False, epochs=False, offsets=False, perms=True)
+        stream_members = False  # the stream's position is the same for every member
         mapped_dyn, shared_dyn = partition(dynamic, axes)
         state, stream, losses = shard_members(
             local,

@@ -337,22 +337,22 @@ class IdenticalMembersWarning(UserWarning):
     if that is what you want."""
 
 
-@jax.jit
-def _identical_sites(params):
-    """Per site: (identical in all members, constant within each member)."""
+def identical_flags(params: dict) -> dict:
+    """Per site: (identical in all members, constant within each member); traceable."""
 
     def flags(leaves):
         same = jnp.all(jnp.stack([jnp.all(leaf == leaf[:1]) for leaf in leaves]))
         flat = [leaf.reshape(leaf.shape[0], -1) for leaf in leaves]
-        constant = jnp.all(jnp.stack([jnp.all(f == f[:, :1]) for f in flat if f.shape[1]]))
+        constant = jnp.all(jnp.stack([jnp.all(f == f[:, :1]) for f in flat if f.shape[1]] or [True]))
         return same, constant
 
-    return {name: flags(jax.tree.leaves(value)) for name, value in params.items()}
+    return {name: flags(jax.tree.leaves(value)) for name, value in params.items() if jax.tree.leaves(value)}
 
 
-def identical_sites(params: dict, explicit_shared=()) -> list[str]:
+def identical_sites(flags: dict, explicit_shared=()) -> list[str]:
     """
-    The param sites whose start makes members (nearly) copies of each other.
+    The param sites whose start makes members (nearly) copies of each other, from the
+    :func:`identical_flags` of the members' initial params.
 
     All sites are returned when every member starts from the same point. Otherwise
     a site is returned when it is identical in all members but varies within a
@@ -360,12 +360,9 @@ def identical_sites(params: dict, explicit_shared=()) -> list[str]:
     eagerly built ``nnx``/``equinox`` network); sites that are constant within a
     member (scales, zero biases) and sites given as shared ``init_params`` are left out.
     """
-    params = {k: v for k, v in params.items() if jax.tree.leaves(v)}
-    if not params or jax.tree.leaves(params)[0].shape[0] < 2:
-        return []
-    flags = jax.device_get(_identical_sites(params))
+    flags = jax.device_get(flags)
     same = {name for name, (s, _) in flags.items() if s}
-    if same == set(params):
+    if same and same == set(flags):
         return sorted(same)
     return sorted(
         name for name in same if not flags[name][1] and name not in set(explicit_shared)

@@ -8,6 +8,7 @@ as the second: ``(E, S, *site_shape)``, the ``(chain, draw)`` layout of
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from jax import random
@@ -17,7 +18,12 @@ from numpyro.infer import Predictive
 from numpyro.primitives import Messenger
 
 from numpyro_ensemble._checks import check_positive_int, leading_sizes
-from numpyro_ensemble.members import apply_members, map_members, member_args
+from numpyro_ensemble.members import (
+    apply_members,
+    check_per_member,
+    member_args,
+    split_args,
+)
 
 __all__ = ["ensemble_predict", "ensemble_predictive", "sample_posterior"]
 
@@ -162,15 +168,25 @@ def ensemble_predictive(
 
 def ensemble_predict(
     params: PyTree,
-    predict_fn: Callable[[PyTree, Array], Array],
+    predict_fn: Callable[..., Any],
     *inputs,
-) -> Array:
+) -> Any:
     """
     Applies a deterministic ``predict_fn(params, *inputs)`` to every member.
 
     :param params: params or points with a leading ``(E,)`` axis on every leaf.
     :param predict_fn: ``(one member's params, *inputs) -> prediction``.
-    :param inputs: inputs shared by all members.
+    :param inputs: inputs shared by all members, or wrapped in
+        :func:`~numpyro_ensemble.per_member` (a leading ``(E,)`` axis; member ``e``
+        gets ``inputs[e]``), e.g. each member's own test fold.
     :return: predictions with a leading ``(E,)`` axis.
     """
-    return map_members(lambda member, inputs: predict_fn(member, *inputs), params, inputs)
+    sizes = leading_sizes(params)
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"params must have the same leading (member) axis on every leaf, got leading "
+            f"sizes {sorted(s for s in sizes if s is not None)}."
+        )
+    split = split_args(inputs, {})
+    check_per_member(split, sizes.pop())
+    return apply_members(lambda member, args, _: predict_fn(member, *args), params, split)

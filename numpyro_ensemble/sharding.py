@@ -97,11 +97,11 @@ def put(tree, mesh: Mesh | None, members: bool):
     def place(leaf):
         if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
             return leaf
-        if isinstance(leaf, jax.Array) and leaf.is_fully_addressable is False:
+        if jax.process_count() == 1 or (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable):
             return jax.device_put(leaf, sharding)
-        if jax.process_count() == 1:
-            return jax.device_put(leaf, sharding)
-        host = np.asarray(leaf)
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # typed keys: place their data
+            return jax.random.wrap_key_data(place(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+        host = np.asarray(leaf)  # the same value on every host: each takes its blocks
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(place, tree)

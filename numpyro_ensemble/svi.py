@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import copy
-import weakref
-
 import jax
 from jax import random
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 import numpy as np
-from numpyro.handlers import seed, substitute
-from numpyro.infer.autoguide import (
-    AutoContinuous,
-    AutoGuide,
-    AutoGuideList,
-    _ravel_dict_with_shape_dict,
-)
+from numpyro.handlers import substitute
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
 from numpyro_ensemble import batching, loop
 from numpyro_ensemble._checks import check_positive_int, leading_sizes, warn
+from numpyro_ensemble.guides import guide_template, member_guide
 from numpyro_ensemble.inspection import ModelInfo, inspect_model
 from numpyro_ensemble.members import (
     SplitArgs,
@@ -41,76 +33,10 @@ __all__ = ["EnsembleSVI"]
 _INIT_FN_TAG = 0x696E6974
 
 
-def _fresh_guide(guide):
-    """A copy of ``guide`` that has not built its AutoGuide prototype yet."""
-    if not isinstance(guide, AutoGuide):
-        return guide  # a plain callable guide keeps no init state
-    # Under jit a copy of a concrete array (e.g. a key kept by an earlier
-    # prototype) would be staged into a tracer; copy it eagerly instead.
-    with jax.ensure_compile_time_eval():
-        fresh = copy.deepcopy(guide)
-    _reset_prototype(fresh)
-    return fresh
-
-
-_templates: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _guide_template(guide):
-    """One fresh copy of ``guide`` per guide object, from which every member's guide is
-    copied (ensembles sharing a guide share it, so they trace the same programs)."""
-    if not isinstance(guide, AutoGuide):
-        return guide
-    template = _templates.get(guide)
-    if template is None:
-        template = _templates[guide] = _fresh_guide(guide)
-    return template
-
-
-def _reset_prototype(guide):
-    if isinstance(guide, AutoGuide):
-        guide.prototype_trace = None
-        for part in getattr(guide, "_guides", ()):  # AutoGuideList
-            _reset_prototype(part)
-
-
-def _with_init_locs(guide, source):
-    """A shallow copy of the user's AutoGuide that takes its init locations from
-    ``source``, a fresh copy whose prototype was built with one member's key.
-
-    Only the locations move, by site name: the layout of the params (e.g. the
-    order of sites in an AutoContinuous latent vector, which differs when the
-    prototype is built under ``vmap``) stays that of the user's guide.
-    """
-    member = copy.copy(guide)
-    locs = getattr(source, "_init_locs", None)
-    if locs is not None and getattr(guide, "_init_locs", None) is not None:
-        member._init_locs = {name: locs[name] for name in guide._init_locs}
-        if isinstance(guide, AutoContinuous):
-            shapes = {name: jnp.shape(value) for name, value in guide._init_locs.items()}
-            member._init_latent = _ravel_dict_with_shape_dict(member._init_locs, shapes)
-    if isinstance(guide, AutoGuideList):
-        member._guides = [_with_init_locs(g, s) for g, s in zip(guide._guides, source._guides, strict=False)]
-    return member
-
-
-def _hashable(value):
-    """``value`` if it is hashable, else its identity: a part of a program key."""
-    try:
-        hash(value)
-    except TypeError:
-        return ("id", id(value))
-    return value
-
-
-def _loss_key(loss):
-    """Losses of one type with equal settings compile to the same program."""
-    try:
-        settings = tuple(sorted(vars(loss).items()))
-        hash(settings)
-    except TypeError:
-        return ("id", id(loss))
-    return (type(loss), settings)
+@jax.jit
+def _max_step(steps):
+    """The members' largest step count, replicated (readable on every host)."""
+    return jnp.max(steps)
 
 
 class EnsembleSVI(SVI):
@@ -233,7 +159,7 @@ class EnsembleSVI(SVI):
             )
         self.members_per_chunk = members_per_chunk
         self._optim_arg = optim
-        self._guide_template = _guide_template(guide)
+        self._guide_template = guide_template(guide)
         self._warned_identical = False
 
     # -- the ensemble axis -------------------------------------------------------
@@ -248,10 +174,10 @@ class EnsembleSVI(SVI):
         return (
             type(self),
             self.model,
-            _hashable(self.guide),
-            _hashable(self._optim_arg),
-            _loss_key(self.loss),
-            _hashable(tuple(sorted(self.static_kwargs.items()))),
+            loop.hashable(self.guide),
+            loop.hashable(self._optim_arg),
+            loop.loss_key(self.loss),
+            loop.hashable(tuple(sorted(self.static_kwargs.items()))),
             self.subsample,
             self.members_per_chunk,
             self.mesh,
@@ -267,18 +193,14 @@ class EnsembleSVI(SVI):
         svi.constrain_fn = self.constrain_fn
         return svi
 
-    def _init_member(self, key, init_params, args, kwargs) -> SVIState:
-        """One member's ``SVI.init(key)``, as on a new guide (traced)."""
-        guide = self.guide
-        if isinstance(guide, AutoGuide):
-            # Build a fresh copy's prototype with the key plain ``SVI.init`` would give
-            # it, so member e starts where SVI.init(keys[e]) on a new guide starts; the
-            # user's guide never sees a tracer.
-            _, _, guide_seed = random.split(key, 3)
-            fresh = _fresh_guide(self._guide_template)
-            seed(fresh, guide_seed)(*args, **kwargs, **self.static_kwargs)
-            guide = _with_init_locs(guide, fresh)
-        return self._member(guide).init(key, *args, init_params=init_params, **kwargs)
+    def _init_member(self, key, init_params, args, kwargs) -> tuple[SVIState, dict]:
+        """One member's ``SVI.init(key)``, as on a new guide, and its params (traced)."""
+        guide = member_guide(
+            self.guide, self._guide_template, key, args, kwargs, self.static_kwargs
+        )
+        svi = self._member(guide)
+        state = svi.init(key, *args, init_params=init_params, **kwargs)
+        return state, svi.get_params(state)
 
     def _member_step(self, state, indices, args, kwargs, *, stable_update, forward_mode):
         """One member's ``SVI.update`` (or ``stable_update``) on its mini-batch (traced)."""
@@ -368,7 +290,7 @@ class EnsembleSVI(SVI):
             init_params, shared_names = stack_init_params(
                 init_params, reference, self.ensemble_size
             )
-        state = progs.init(
+        state, flags = progs.init(
             put(keys, self.mesh, True),
             put(init_params, self.mesh, True),
             self._put_args(split),
@@ -376,7 +298,7 @@ class EnsembleSVI(SVI):
             axes=split.axes,
         )
         if not self._warned_identical and self.ensemble_size > 1:
-            names = identical_sites(progs.get_params(state), shared_names)
+            names = identical_sites(flags, shared_names)
             if names:
                 warn_identical(names, self.ensemble_size, type(self).__name__)
                 self._warned_identical = True
@@ -526,9 +448,9 @@ class EnsembleSVI(SVI):
         keys, position = None, batching.position_at((), self.subsample, 0)
         if plates:
             keys = put(batching.stream_keys(self.member_keys(rng_key)), self.mesh, True)
-            t0 = int(np.max(jax.device_get(svi_state.optim_state[0])))
+            t0 = int(_max_step(svi_state.optim_state[0]))
             position = batching.position_at(plates, self.subsample, t0)
-        stream = progs.start_stream(keys, position, plates=plates)
+        stream = position
         dynamic = self._put_args(split)
 
         def run_chunk(state, stream, length):

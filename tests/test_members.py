@@ -79,94 +79,116 @@ def test_per_member_data_of_wrong_leading_size_is_a_clear_error():
         esvi.init(random.key(0), xs[0], per_member(jnp.float32(1.0)))
 
 
-def net_model(x, y=None):
-    """A tiny flax linen network through numpyro.contrib.module (key-dependent init)."""
-    from flax import linen
-    from numpyro.contrib.module import flax_module
+def module_model(kind):
+    """A tiny network through numpyro.contrib.module, of the given library."""
+    from numpyro.contrib import module
 
-    class Net(linen.Module):
-        @linen.compact
-        def __call__(self, x):
-            return linen.Dense(1)(jnp.tanh(linen.Dense(4)(x)))[:, 0]
+    if kind == "flax_module":
+        from flax import linen
 
-    f = flax_module("net", Net(), input_shape=(1, 1))
-    with numpyro.plate("data", x.shape[0]):
-        numpyro.sample("y", dist.Normal(f(x), 0.1), obs=y)
+        class Net(linen.Module):
+            @linen.compact
+            def __call__(self, x):
+                return linen.Dense(1)(jnp.tanh(linen.Dense(4)(x)))[:, 0]
+
+        make = lambda: module.flax_module("net", Net(), input_shape=(1, 1))  # noqa: E731
+    elif kind == "nnx_module":
+        from flax import nnx
+
+        class Net(nnx.Module):
+            def __init__(self, rngs):
+                self.hidden = nnx.Linear(1, 4, rngs=rngs)
+                self.out = nnx.Linear(4, 1, rngs=rngs)
+
+            def __call__(self, x):
+                return self.out(jnp.tanh(self.hidden(x)))[:, 0]
+
+        eager = Net(nnx.Rngs(0))  # numpyro's pattern: the network is built eagerly, once
+        make = lambda: module.nnx_module("net", eager)  # noqa: E731
+        make.build = lambda key: nnx.to_pure_dict(nnx.state(Net(nnx.Rngs(key)), nnx.Param))
+    else:
+        import equinox as eqx
+
+        eager = eqx.nn.MLP(1, 1, 4, 1, key=random.key(0))
+        net = lambda: module.eqx_module("net", eager)  # noqa: E731
+        make = lambda: lambda x: jax.vmap(net())(x)[:, 0]  # noqa: E731
+        make.build = lambda key: eqx.partition(eqx.nn.MLP(1, 1, 4, 1, key=key), eqx.is_inexact_array)[0]
+
+    def model(x, y=None):
+        f = make()
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("y", dist.Normal(f(x), 0.1), obs=y)
+
+    return model, getattr(make, "build", None)
 
 
 def empty_guide(x, y=None):
     pass
 
 
-def test_flax_linen_members_differ_and_pytree_init_params():
-    x = jnp.linspace(-1.0, 1.0, 8)[:, None]
-    y = jnp.sin(2.0 * x[:, 0])
-    esvi = EnsembleSVI(net_model, empty_guide, optax.adam(0.01), Trace_ELBO(), ensemble_size=E)
+NET_X = jnp.linspace(-1.0, 1.0, 8)[:, None]
+NET_Y = jnp.sin(2.0 * NET_X[:, 0])
+
+
+def first_kernel(params):
+    """A weight matrix of the network, (E, in, out) (biases start at zero)."""
+    return next(leaf for leaf in jax.tree.leaves(params["net$params"]) if leaf.ndim == 3)
+
+
+def test_networks_initialised_from_numpyros_key_give_distinct_members():
+    model, _ = module_model("flax_module")
+    esvi = EnsembleSVI(model, empty_guide, optax.adam(0.01), Trace_ELBO(), ensemble_size=E)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        state = esvi.init(random.key(0), x, y)
+        params = esvi.get_params(esvi.init(random.key(0), NET_X, NET_Y))
     assert not identical_warnings(record)
-    params = esvi.get_params(state)["net$params"]
-    kernel = params["Dense_0"]["kernel"]
-    assert kernel.shape == (E, 4, 1)
-    assert float(jnp.abs(kernel[0] - kernel[1]).max()) > 1e-3  # distinct members
+    kernels = [leaf for leaf in jax.tree.leaves(params) if leaf.ndim == 3]
+    assert kernels and all(float(jnp.abs(k[0] - k[1]).max()) > 1e-3 for k in kernels)
+
+
+def test_pytree_init_params_shared_and_per_member():
+    model, _ = module_model("flax_module")
+    esvi = EnsembleSVI(model, empty_guide, optax.adam(0.01), Trace_ELBO(), ensemble_size=E)
+    params = esvi.get_params(esvi.init(random.key(0), NET_X, NET_Y))["net$params"]
     # A pytree init value, shared by every member...
     shared = member(params, 2)
     with pytest.warns(IdenticalMembersWarning):  # every member starts at the same point
-        got = esvi.get_params(esvi.init(random.key(5), x, y, init_params={"net$params": shared}))
+        got = esvi.get_params(esvi.init(random.key(5), NET_X, NET_Y, init_params={"net$params": shared}))
     tree_allclose(got["net$params"], jax.tree.map(lambda v: jnp.broadcast_to(v, (E, *v.shape)), shared))
     # ... or one per member (a leading (E,) axis on every leaf).
     flipped = jax.tree.map(lambda v: v[::-1], params)
-    got = esvi.get_params(esvi.init(random.key(5), x, y, init_params={"net$params": flipped}))
+    got = esvi.get_params(esvi.init(random.key(5), NET_X, NET_Y, init_params={"net$params": flipped}))
     tree_allclose(got["net$params"], flipped)
     with pytest.raises(ValueError, match=r"init_params\['net\$params'\] has the structure"):
-        esvi.init(random.key(0), x, y, init_params={"net$params": {"params": {}}})
+        esvi.init(random.key(0), NET_X, NET_Y, init_params={"net$params": {"params": {}}})
     bad = jax.tree.map(lambda v: jnp.zeros((E + 1, *v.shape[1:])), params)
     with pytest.raises(ValueError, match=r"init_params\['net\$params'\] has shapes"):
-        esvi.init(random.key(0), x, y, init_params={"net$params": bad})
+        esvi.init(random.key(0), NET_X, NET_Y, init_params={"net$params": bad})
 
 
-def test_nnx_members_start_identical_warn_and_an_init_function_fixes_it():
-    from flax import nnx
-    from numpyro.contrib.module import nnx_module
-
-    class Net(nnx.Module):
-        def __init__(self, rngs):
-            self.hidden = nnx.Linear(1, 4, rngs=rngs)
-            self.out = nnx.Linear(4, 1, rngs=rngs)
-
-        def __call__(self, x):
-            return self.out(jnp.tanh(self.hidden(x)))[:, 0]
-
-    eager = Net(nnx.Rngs(0))  # numpyro's pattern: the network is built eagerly, once
-
-    def model(x, y=None):
-        f = nnx_module("net", eager)
-        with numpyro.plate("data", x.shape[0]):
-            numpyro.sample("y", dist.Normal(f(x), 0.1), obs=y)
-
-    x = jnp.linspace(-1.0, 1.0, 8)[:, None]
-    y = jnp.sin(2.0 * x[:, 0])
+@pytest.mark.parametrize("kind", ["nnx_module", "eqx_module"])
+def test_eagerly_built_networks_warn_and_an_init_function_fixes_it(kind):
+    model, build = module_model(kind)
     esvi = EnsembleSVI(model, empty_guide, optax.adam(0.01), Trace_ELBO(), ensemble_size=E)
     with pytest.warns(IdenticalMembersWarning, match=r"\['net\$params'\] start identical in all 3 members") as record:
-        result = esvi.run(random.key(0), 5, x, y, progress_bar=False)
+        result = esvi.run(random.key(0), 3, NET_X, NET_Y, progress_bar=False)
     assert record[0].filename == __file__  # points at the user's line
-    kernel = result.params["net$params"]["hidden"]["kernel"]
+    kernel = first_kernel(result.params)
     np.testing.assert_array_equal(kernel[0], kernel[1])  # a deterministic loss: copies stay copies
 
     def init_net(rng_key):  # one network per member, built from the member's key
-        return {"net$params": nnx.to_pure_dict(nnx.state(Net(nnx.Rngs(rng_key)), nnx.Param))}
+        return {"net$params": build(rng_key)}
 
     fresh = EnsembleSVI(model, empty_guide, optax.adam(0.01), Trace_ELBO(), ensemble_size=E)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        result = fresh.run(random.key(0), 5, x, y, progress_bar=False, init_params=init_net)
+        state = fresh.init(random.key(0), NET_X, NET_Y, init_params=init_net)
     assert not identical_warnings(record)
-    kernel = result.params["net$params"]["hidden"]["kernel"]
+    kernel = first_kernel(fresh.get_params(state))
     assert float(jnp.abs(kernel[0] - kernel[1]).max()) > 1e-3
     # the function is evaluated with a key of each member's own, reproducibly
-    again = fresh.init(random.key(0), x, y, init_params=init_net)
-    tree_allclose(fresh.get_params(again), fresh.get_params(fresh.init(random.key(0), x, y, init_params=init_net)))
+    again = fresh.init(random.key(0), NET_X, NET_Y, init_params=init_net)
+    tree_allclose(fresh.get_params(again), fresh.get_params(state))
 
 
 @pytest.mark.parametrize("case", ["init_to_value", "keyless_param"])
