@@ -11,7 +11,9 @@ with N(0, 1) weights written as one NumPyro model, fit two ways:
 
 Prints RMSE (against the truth and against noisy test points), the NLL of noisy
 test points under the ensemble's mixture predictive, 95% coverage and interval
-width, and the run time; saves a plot of the members and predictive bands.
+width, and the run time, each with equal member weights and with stacking weights
+(``stacking_weights``: the mixture of members that predicts left-out training
+points best); saves a plot of the members and predictive bands.
 
     python examples/sinc_regression.py            # full run
     python examples/sinc_regression.py --steps 50 # quick check
@@ -32,7 +34,13 @@ from numpyro.infer import Predictive
 from numpyro.infer.autoguide import AutoNormal
 import optax
 
-from numpyro_ensemble import EnsembleMAP, EnsembleSVI, TemperedTrace_ELBO, ensemble_predictive
+from numpyro_ensemble import (
+    EnsembleMAP,
+    EnsembleSVI,
+    TemperedTrace_ELBO,
+    ensemble_predictive,
+    stacking_weights,
+)
 
 SIGMA = 0.1
 HIDDEN = 32
@@ -63,13 +71,15 @@ def sinc_data(rng_key, num_train=80, num_test=200):
     return x, y, x_test, truth(x_test), y_test
 
 
-def metrics(f, y_truth, y_test, rng_key, num_draws=20_000):
-    """Scores of the mixture predictive (1/M) sum_m N(f_m(x), SIGMA^2); f is (M, N)."""
-    mean = f.mean(0)
+def metrics(f, y_truth, y_test, rng_key, weights=None, num_draws=20_000):
+    """Scores of the mixture predictive sum_m p_m N(f_m(x), SIGMA^2); f is (M, N), p the
+    draws' weights (equal by default)."""
+    p = jnp.full(f.shape[0], 1.0 / f.shape[0]) if weights is None else weights
+    mean = p @ f
     log_pdf = dist.Normal(f, SIGMA).log_prob(y_test)
-    nll = -(logsumexp(log_pdf, axis=0) - jnp.log(f.shape[0])).mean()
+    nll = -logsumexp(log_pdf + jnp.log(p)[:, None], axis=0).mean()
     k_member, k_noise = random.split(rng_key)
-    members = random.randint(k_member, (num_draws,), 0, f.shape[0])
+    members = random.choice(k_member, f.shape[0], (num_draws,), p=p)
     draws = f[members] + SIGMA * random.normal(k_noise, (num_draws, f.shape[1]))
     lo, hi = jnp.quantile(draws, jnp.array([0.025, 0.975]), axis=0)
     return {
@@ -91,7 +101,8 @@ def fit_map(x, y, x_test, ensemble_size, num_steps, rng_key):
     seconds = time.perf_counter() - start
     # One draw per member: the member's point itself.
     f = Predictive(bnn, posterior_samples=points, return_sites=["f"])(rng_key, x_test)["f"]
-    return f, seconds, points
+    stacked = stacking_weights(ens, random.fold_in(rng_key, 2), result.params, x, y)
+    return f, seconds, points, stacked.member_weights
 
 
 def make_svi(ensemble_size, num_steps, guide, kl_weight=1.0):
@@ -111,7 +122,11 @@ def fit_svi(svi, x, y, x_test, num_steps, rng_key, *, start=None, draws_per_memb
     seconds = time.perf_counter() - t0
     f = ensemble_predictive(svi, random.fold_in(rng_key, 1), result.params, x_test,
                             num_samples=draws_per_member, return_sites=["f"])["f"]  # (E, S, N)
-    return f.reshape(-1, x_test.shape[0]), seconds, result.params
+    stacked = stacking_weights(svi, random.fold_in(rng_key, 2), result.params, x, y,
+                               num_samples=100)
+    # Member e's weight spread evenly over its draws (rows of f are member-major).
+    draw_weights = jnp.repeat(stacked.member_weights, draws_per_member) / draws_per_member
+    return f.reshape(-1, x_test.shape[0]), seconds, result.params, draw_weights
 
 
 def main(argv=None):
@@ -139,12 +154,14 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
     scores = {}
-    for name, (f, seconds, _) in fits.items():
-        m = scores[name] = metrics(f, y_truth, y_test, random.key(3))
-        print(
-            f"{name:<40}{m['rmse_truth']:>11.4f}{m['rmse_noisy']:>11.4f}{m['nll']:>8.3f}"
-            f"{m['coverage95']:>7.2f}{m['width95']:>9.3f}{seconds:>10.2f}"
-        )
+    for name, (f, seconds, _, weights) in fits.items():
+        for label, w in ((name, None), ("  ... stacked", weights)):
+            m = metrics(f, y_truth, y_test, random.key(3), weights=w)
+            scores[name if w is None else f"{name}, stacked"] = m
+            print(
+                f"{label:<40}{m['rmse_truth']:>11.4f}{m['rmse_noisy']:>11.4f}{m['nll']:>8.3f}"
+                f"{m['coverage95']:>7.2f}{m['width95']:>9.3f}{seconds:>10.2f}"
+            )
     if args.out:
         plot(args.out, x, y, x_test, y_truth, fits, scores)
         print(f"saved {args.out}")
@@ -159,7 +176,7 @@ def plot(path, x, y, x_test, y_truth, fits, scores):
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharex=True, sharey=True)
     axes = axes.ravel()
-    for ax, (name, (f, _, _)) in zip(axes, fits.items(), strict=False):
+    for ax, (name, (f, _, _, _)) in zip(axes, fits.items(), strict=False):
         lo, hi = scores[name]["band"]
         ax.fill_between(x_test, lo, hi, color="C0", alpha=0.2, label="95% predictive")
         for f_m in f[: min(len(f), 64)]:

@@ -2,27 +2,37 @@
 
 from numpyro_ensemble.arviz_export import to_arviz
 from numpyro_ensemble.cache import enable_compilation_cache
+from numpyro_ensemble.diagnostics import EnsembleSummary, ensemble_summary
 from numpyro_ensemble.elbo import TemperedTrace_ELBO
+from numpyro_ensemble.importance import importance_weights
 from numpyro_ensemble.map import EnsembleMAP
 from numpyro_ensemble.mcmc import mcmc_init_params
 from numpyro_ensemble.members import IdenticalMembersWarning, per_member
 from numpyro_ensemble.oneshot import ensemble_map, ensemble_svi
 from numpyro_ensemble.posterior import ensemble_predict, ensemble_predictive, sample_posterior
+from numpyro_ensemble.stacking import stacking_weights
 from numpyro_ensemble.svi import EnsembleSVI
+from numpyro_ensemble.weights import ImportanceWeights, StackingWeights
 
 __all__ = [
     "EnsembleMAP",
     "EnsembleSVI",
+    "EnsembleSummary",
     "IdenticalMembersWarning",
+    "ImportanceWeights",
+    "StackingWeights",
     "TemperedTrace_ELBO",
     "enable_compilation_cache",
+    "ensemble_summary",
     "ensemble_map",
     "ensemble_predict",
     "ensemble_predictive",
     "ensemble_svi",
+    "importance_weights",
     "mcmc_init_params",
     "per_member",
     "sample_posterior",
+    "stacking_weights",
     "to_arviz",
 ]
 

@@ -9,8 +9,10 @@ from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import log_likelihood
 from numpyro.infer.svi import SVIRunResult
 
+from numpyro_ensemble.health import finite_members
 from numpyro_ensemble.members import has_per_member
 from numpyro_ensemble.posterior import ensemble_predictive, sample_posterior
+from numpyro_ensemble.weights import ImportanceWeights, member_weights_of
 
 __all__ = ["to_arviz"]
 
@@ -60,6 +62,7 @@ def to_arviz(
     constant_data: dict | None = None,
     coords: dict | None = None,
     dims: dict | None = None,
+    weights=None,
     **kwargs,
 ):
     """
@@ -75,7 +78,11 @@ def to_arviz(
       draw (so ``az.loo`` / ``az.waic`` / ``az.compare`` work);
     - ``observed_data``, and ``constant_data`` when given;
     - ``sample_stats``: ``member`` (the member index) and, given a run result,
-      ``loss`` (the member's final loss), per chain and draw.
+      ``loss`` (the member's final loss), per chain and draw; with ``weights``,
+      ``member_weight`` and, for importance weights, the draws' ``log_weight``.
+
+    Members with non-finite params are left out (with a warning); the ``chain``
+    coordinate holds the member index of every chain.
 
     Dim names come from the model's plates; ``coords`` and ``dims`` work as in
     ``az.from_numpyro`` (``dims`` maps a site name to the names of its dims after
@@ -97,6 +104,10 @@ def to_arviz(
     :param dict constant_data: values for the ``constant_data`` group (e.g. inputs).
     :param dict coords: coordinate values by dim name.
     :param dict dims: dim names by site name.
+    :param weights: member weights (an ``(E,)`` array, or the result of
+        :func:`~numpyro_ensemble.importance_weights` /
+        :func:`~numpyro_ensemble.stacking_weights`). For importance weights the
+        posterior holds the draws they refer to (``num_samples`` is ignored).
     :param kwargs: the model's keyword arguments.
     """
     if has_per_member((args, kwargs)):
@@ -110,19 +121,36 @@ def to_arviz(
     if isinstance(result, SVIRunResult):
         params, losses = result.params, result.losses
     post_key, pred_key = jax.random.split(rng_key)
-    draws = sample_posterior(ensemble, post_key, params, *args, num_samples=num_samples, **kwargs)
-    E, S = ensemble.ensemble_size, num_samples
+    E = ensemble.ensemble_size
+    member_weights = None if weights is None else member_weights_of(weights, E)
+    if isinstance(weights, ImportanceWeights):
+        draws = weights.samples
+        finite = finite_members(draws)
+    else:
+        draws = sample_posterior(
+            ensemble, post_key, params, *args, num_samples=num_samples, **kwargs
+        )
+        finite = finite_members(params)
+    S = next(iter(jax.tree.leaves(draws))).shape[1]
+    kept = np.flatnonzero(finite)
 
     model_kwargs = {**kwargs, **ensemble.static_kwargs}
-    one_draw = jax.tree.map(lambda v: v[0, 0], draws)
-    model_trace = trace(substitute(seed(ensemble.model, 0), one_draw)).get_trace(*args, **model_kwargs)
+    one_draw = jax.tree.map(lambda v: v[kept[0], 0], draws)
+    model_trace = trace(substitute(seed(ensemble.model, 0), one_draw)).get_trace(
+        *args, **model_kwargs
+    )
     observed = _observed_sites(model_trace)
     deterministic = [n for n, s in model_trace.items() if s["type"] == "deterministic"]
 
     predicted = ensemble_predictive(
-        ensemble, pred_key, params, *args,
-        posterior_samples=draws, resample_observed=True,
-        return_sites=list(observed) + deterministic, **kwargs,
+        ensemble,
+        pred_key,
+        params,
+        *args,
+        posterior_samples=draws,
+        resample_observed=True,
+        return_sites=list(observed) + deterministic,
+        **kwargs,
     )
     posterior = {**draws, **{n: predicted[n] for n in deterministic}}
     posterior_predictive = {n: predicted[n] for n in observed}
@@ -133,6 +161,10 @@ def to_arviz(
     sample_stats = {"member": member}
     if losses is not None:
         sample_stats["loss"] = np.broadcast_to(np.asarray(losses)[:, -1:], (E, S))
+    if member_weights is not None:
+        sample_stats["member_weight"] = np.broadcast_to(member_weights[:, None], (E, S))
+    if isinstance(weights, ImportanceWeights):
+        sample_stats["log_weight"] = np.asarray(weights.log_weights)
 
     groups = {
         "posterior": posterior,
@@ -141,9 +173,13 @@ def to_arviz(
         "observed_data": observed,
         "sample_stats": sample_stats,
     }
+    groups = {
+        g: {k: np.asarray(v)[kept] for k, v in data.items()}
+        for g, data in groups.items()
+        if g != "observed_data"
+    } | {"observed_data": {k: np.asarray(v) for k, v in observed.items()}}
     if constant_data:
-        groups["constant_data"] = constant_data
-    groups = {g: {k: np.asarray(v) for k, v in data.items()} for g, data in groups.items()}
+        groups["constant_data"] = {k: np.asarray(v) for k, v in constant_data.items()}
 
     all_dims = _plate_dims(model_trace)
     known = set().union(*(set(data) for data in groups.values()))
@@ -160,7 +196,7 @@ def to_arviz(
         raise ValueError(
             f"coords names dims {unused} that no site uses; the dims are {sorted(used)}."
         )
-    return _from_dict(groups, coords=coords, dims=all_dims)
+    return _from_dict(groups, coords={"chain": kept, **(coords or {})}, dims=all_dims)
 
 
 def _from_dict(groups, *, coords, dims):

@@ -7,11 +7,14 @@ import math
 import jax
 import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
+import numpy as np
 from numpyro.infer.util import unconstrain_fn
 
 from numpyro_ensemble._checks import check_positive_int
+from numpyro_ensemble.health import finite_members
 from numpyro_ensemble.members import has_per_member
 from numpyro_ensemble.posterior import sample_posterior
+from numpyro_ensemble.weights import member_weights_of
 
 __all__ = ["mcmc_init_params"]
 
@@ -23,6 +26,7 @@ def mcmc_init_params(
     *args,
     num_chains: int | None = None,
     resample: bool = False,
+    weights=None,
     **kwargs,
 ) -> dict:
     """
@@ -33,9 +37,11 @@ def mcmc_init_params(
     :class:`~numpyro_ensemble.EnsembleMAP`, one draw from its guide for an
     :class:`~numpyro_ensemble.EnsembleSVI`. The values are mapped to the
     unconstrained space that MCMC expects (``numpyro.infer.util.unconstrain_fn``).
-    With ``K < E`` the first ``K`` members are used (members are exchangeable);
-    ``K > E`` needs ``resample=True``, which takes several guide draws per member
-    (for a MAP ensemble, repeated points).
+    With ``K < E`` the first ``K`` members are used (members are exchangeable),
+    or with ``weights`` the ``K`` members of highest weight; members of weight 0 and
+    members with non-finite params are never used. More chains than usable members
+    need ``resample=True``, which takes several guide draws per member (for a MAP
+    ensemble, repeated points).
 
     **Example:**
 
@@ -67,6 +73,9 @@ def mcmc_init_params(
     :param args: arguments to the model.
     :param int num_chains: ``K``, the number of chains; defaults to ``E``.
     :param bool resample: allow ``K > E`` by drawing several starts per member.
+    :param weights: member weights (an ``(E,)`` array, or the result of
+        :func:`~numpyro_ensemble.importance_weights` /
+        :func:`~numpyro_ensemble.stacking_weights`): start from the heaviest members.
     :param kwargs: keyword arguments to the model.
     :return: ``{latent site name: unconstrained array of shape (K, *site_shape)}``;
         for ``K = 1`` without the leading axis, as ``MCMC`` expects for one chain.
@@ -78,16 +87,24 @@ def mcmc_init_params(
         )
     E = ensemble.ensemble_size
     K = E if num_chains is None else check_positive_int(num_chains, "num_chains")
-    if K > E and not resample:
+    usable = finite_members(params)
+    if weights is None:
+        order = np.flatnonzero(usable)
+    else:
+        w = np.where(usable, member_weights_of(weights, E), 0.0)
+        order = np.argsort(-w, kind="stable")[: int((w > 0).sum())]
+    if K > order.size and not resample:
         raise ValueError(
-            f"num_chains={K} is larger than ensemble_size={E}: pass resample=True to "
+            f"num_chains={K} is larger than the {order.size} usable members (of "
+            f"ensemble_size={E}; weight > 0 and finite params): pass resample=True to "
             f"start several chains from draws of the same members, or use fewer chains."
         )
-    per_member = math.ceil(K / E)
+    per_member = math.ceil(K / order.size)
     draws = sample_posterior(ensemble, rng_key, params, *args, num_samples=per_member, **kwargs)
-    # (E, S, ...) -> (S * E, ...) ordered draw-major, so the first K cycle over members.
+    # (E, S, ...) -> the usable members in order -> (S * n, ...) draw-major, so the
+    # first K chains cycle over the members.
     starts = {
-        name: jnp.swapaxes(value, 0, 1).reshape((E * per_member,) + value.shape[2:])[:K]
+        name: jnp.swapaxes(value[order], 0, 1).reshape((-1,) + value.shape[2:])[:K]
         for name, value in draws.items()
     }
     model_kwargs = {**kwargs, **ensemble.static_kwargs}

@@ -8,21 +8,32 @@ as the second: ``(E, S, *site_shape)``, the ``(chain, draw)`` layout of
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from jax import random
 from jaxtyping import Array, PRNGKeyArray, PyTree
+import numpyro.distributions as dist
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import Predictive
 from numpyro.primitives import Messenger
 
 from numpyro_ensemble._checks import check_positive_int, leading_sizes
+from numpyro_ensemble.health import blank, usable_params
 from numpyro_ensemble.members import (
     apply_members,
     check_per_member,
+    has_per_member,
     member_args,
     split_args,
+)
+from numpyro_ensemble.weights import (
+    ImportanceWeights,
+    draw_log_weights,
+    member_weights_of,
+)
+from numpyro_ensemble.weights import (
+    resample as resample_draws,
 )
 
 __all__ = ["ensemble_predict", "ensemble_predictive", "sample_posterior"]
@@ -38,46 +49,45 @@ def _check_params(ensemble, params):
         )
 
 
-def latent_sites(ensemble, params, *args, **kwargs) -> list[str]:
-    """Names of the model's latent sites that the guide samples (auxiliary sites left out)."""
+class GuideSite(NamedTuple):
+    name: str
+    auxiliary: bool
+    """An ``is_auxiliary`` site (e.g. an AutoGuide's unconstrained draw)."""
+    point: bool
+    """A point mass (``Delta``): its value is a function of the other sites."""
+
+
+def _is_point(fn) -> bool:
+    while isinstance(fn, (dist.Independent, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    return isinstance(fn, dist.Delta)
+
+
+def guide_sites(ensemble, params, *args, **kwargs) -> list[GuideSite]:
+    """The guide's sample sites, traced with member 0's params (params must be finite)."""
     member = jax.tree.map(lambda leaf: leaf[0], params)
     args, kwargs = member_args(args, kwargs, 0)
     guide_trace = trace(substitute(seed(ensemble.guide, 0), member)).get_trace(
         *args, **kwargs, **ensemble.static_kwargs
     )
     return [
-        name
+        GuideSite(name, bool(site["infer"].get("is_auxiliary", False)), _is_point(site["fn"]))
         for name, site in guide_trace.items()
-        if site["type"] == "sample" and not site["infer"].get("is_auxiliary", False)
+        if site["type"] == "sample"
     ]
 
 
-def sample_posterior(
-    ensemble,
-    rng_key: PRNGKeyArray,
-    params: dict,
-    *args,
-    num_samples: int = 1,
-    **kwargs,
-) -> dict[str, Array]:
-    """
-    Draws ``num_samples`` latent values from each member's guide.
+def latent_sites(ensemble, params, *args, **kwargs) -> list[str]:
+    """Names of the model's latent sites that the guide samples (auxiliary sites left out)."""
+    return [s.name for s in guide_sites(ensemble, params, *args, **kwargs) if not s.auxiliary]
 
-    For an :class:`~numpyro_ensemble.EnsembleMAP` every draw of member ``e`` is its
-    point. Member ``e`` uses key ``random.split(rng_key, E)[e]``, so results are
-    reproducible.
 
-    :param ensemble: a fitted :class:`~numpyro_ensemble.EnsembleSVI` (or ``EnsembleMAP``).
-    :param jax.random.key rng_key: random number generator seed.
-    :param dict params: the ensemble's params, e.g. ``run(...).params``.
-    :param args: arguments to the guide (the model's arguments).
-    :param int num_samples: draws per member, ``S``.
-    :param kwargs: keyword arguments to the guide.
-    :return: ``{latent site name: array of shape (E, S, *site_shape)}``, constrained.
-    """
-    num_samples = check_positive_int(num_samples, "num_samples")
-    _check_params(ensemble, params)
-    names = latent_sites(ensemble, params, *args, **kwargs)
+def draw_guides(ensemble, rng_key, params, args, kwargs, num_samples, caller, auxiliary=False):
+    """``num_samples`` draws of every member's guide, ``(E, S, ...)``, and the ``(E,)``
+    mask of usable members (members with non-finite params get NaN draws)."""
+    params, finite = usable_params(params, caller)
+    sites = guide_sites(ensemble, params, *args, **kwargs)
+    names = [s.name for s in sites if auxiliary or not s.auxiliary]
 
     def draw(member, args, kwargs):
         member_params, key = member
@@ -87,14 +97,84 @@ def sample_posterior(
         return predictive(key, *args, **kwargs, **ensemble.static_kwargs)
 
     keys = random.split(rng_key, ensemble.ensemble_size)
-    return _map(ensemble, draw, (params, keys), args, kwargs)
+    return blank(_map(ensemble, draw, (params, keys), args, kwargs), finite), finite
+
+
+def sample_posterior(
+    ensemble,
+    rng_key: PRNGKeyArray,
+    params: dict,
+    *args,
+    num_samples: int = 1,
+    weights=None,
+    resample: bool | None = None,
+    **kwargs,
+) -> dict[str, Array]:
+    """
+    Draws ``num_samples`` latent values from each member's guide.
+
+    For an :class:`~numpyro_ensemble.EnsembleMAP` every draw of member ``e`` is its
+    point. Member ``e`` uses key ``random.split(rng_key, E)[e]``, so results are
+    reproducible. Members whose params are not finite are excluded: their draws
+    are NaN (with a warning naming them), the others are unaffected.
+
+    With ``weights`` the draws are resampled (with replacement) in proportion to
+    the weights, giving ``E * S`` plain, equally weighted draws for tools that need
+    them (e.g. :class:`numpyro.infer.Predictive`). For an
+    :class:`~numpyro_ensemble.ImportanceWeights` its own draws are resampled with
+    their draw weights (``num_samples`` is then its ``S``).
+
+    :param ensemble: a fitted :class:`~numpyro_ensemble.EnsembleSVI` (or ``EnsembleMAP``).
+    :param jax.random.key rng_key: random number generator seed.
+    :param dict params: the ensemble's params, e.g. ``run(...).params``.
+    :param args: arguments to the guide (the model's arguments).
+    :param int num_samples: draws per member, ``S``.
+    :param weights: member weights: an ``(E,)`` array on the simplex, or the result
+        of :func:`~numpyro_ensemble.importance_weights` /
+        :func:`~numpyro_ensemble.stacking_weights`.
+    :param bool resample: return ``E * S`` resampled draws; defaults to
+        ``weights is not None`` (``resample=True`` without weights resamples the
+        usable members equally).
+    :param kwargs: keyword arguments to the guide.
+    :return: ``{latent site name: array of shape (E, S, *site_shape)}``, constrained;
+        with ``resample``, ``(E * S, *site_shape)``.
+    """
+    num_samples = check_positive_int(num_samples, "num_samples")
+    _check_params(ensemble, params)
+    E = ensemble.ensemble_size
+    resample = weights is not None if resample is None else bool(resample)
+    if weights is not None and not resample:
+        raise ValueError(
+            "sample_posterior: weights are applied by resampling; pass resample=True "
+            "(the default with weights), or use the weights directly with the "
+            "unweighted (E, S, ...) draws."
+        )
+    if weights is not None:
+        member_weights_of(weights, E)
+    draw_key, resample_key = random.split(rng_key)
+    if isinstance(weights, ImportanceWeights):
+        draws = weights.samples
+        num_samples = next(iter(jax.tree.leaves(draws))).shape[1]
+    else:
+        draws, finite = draw_guides(
+            ensemble, draw_key, params, args, kwargs, num_samples, "sample_posterior"
+        )
+    if not resample:
+        return draws
+    if weights is None:
+        weights = finite / finite.sum()
+    log_weights = draw_log_weights(weights, E, num_samples)
+    return resample_draws(resample_key, draws, log_weights, E * num_samples)
 
 
 def _map(ensemble, fn, mapped, args, kwargs):
     """``fn`` for every member, with the member's own slice of per-member data."""
     return apply_members(
-        fn, mapped, ensemble._split(args, kwargs),
-        mesh=ensemble.mesh, members_per_chunk=ensemble.members_per_chunk,
+        fn,
+        mapped,
+        ensemble._split(args, kwargs),
+        mesh=ensemble.mesh,
+        members_per_chunk=ensemble.members_per_chunk,
     )
 
 
@@ -121,6 +201,7 @@ def ensemble_predictive(
     return_sites: Sequence[str] | None = None,
     posterior_samples: dict | None = None,
     resample_observed: bool = False,
+    weights=None,
     **kwargs,
 ) -> dict[str, Array]:
     """
@@ -141,10 +222,34 @@ def ensemble_predictive(
         instead of drawing from the guides.
     :param bool resample_observed: draw observed sites even where ``args`` /
         ``kwargs`` hold observations (a posterior predictive of the training data).
+    :param weights: member weights (an ``(E,)`` array, or the result of
+        :func:`~numpyro_ensemble.importance_weights` /
+        :func:`~numpyro_ensemble.stacking_weights`): the predictive of the weighted
+        ensemble, from ``E * S`` latent draws resampled by
+        ``sample_posterior(..., weights=weights)``.
     :param kwargs: keyword arguments to the model.
-    :return: ``{site name: array of shape (E, S, *site_shape)}``.
+    :return: ``{site name: array of shape (E, S, *site_shape)}``; with ``weights``,
+        ``(E * S, *site_shape)``.
     """
     post_key, pred_key = random.split(rng_key)
+    model = _unobserved(ensemble.model) if resample_observed else ensemble.model
+    return_sites = None if return_sites is None else list(return_sites)
+    if weights is not None:
+        if posterior_samples is not None:
+            raise ValueError(
+                "ensemble_predictive: pass either weights or posterior_samples; for "
+                "weighted draws of your own, resample them first."
+            )
+        if has_per_member((args, kwargs)):
+            raise ValueError(
+                "ensemble_predictive: weights pool the members' draws, but the data "
+                "differ between members (per_member); predict each data set separately."
+            )
+        pooled = sample_posterior(
+            ensemble, post_key, params, *args, num_samples=num_samples, weights=weights, **kwargs
+        )
+        predictive = Predictive(model, posterior_samples=pooled, return_sites=return_sites)
+        return predictive(pred_key, *args, **kwargs, **ensemble.static_kwargs)
     if posterior_samples is None:
         posterior_samples = sample_posterior(
             ensemble, post_key, params, *args, num_samples=num_samples, **kwargs
@@ -154,8 +259,6 @@ def ensemble_predictive(
             f"posterior_samples must have shape (E, S, ...) with E=ensemble_size="
             f"{ensemble.ensemble_size} on every site."
         )
-    model = _unobserved(ensemble.model) if resample_observed else ensemble.model
-    return_sites = None if return_sites is None else list(return_sites)
 
     def predict(member, args, kwargs):
         samples, key = member

@@ -34,6 +34,7 @@ def test_eight_schools_runs(tmp_path, capsys):
     assert "NUTS" in capsys.readouterr().out
     assert out.stat().st_size > 10_000
     assert list(table.index[:2]) == ["mu", "tau"] and len(table) == 10
+    assert ("weighted", "mean") in table.columns
     assert table.notna().all().all()
 
 

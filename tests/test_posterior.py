@@ -137,7 +137,7 @@ def test_mcmc_init_params_chain_counts(fitted):
     assert mcmc_init_params(svi, random.key(0), params, x, y, num_chains=1)["w"].shape == (2,)
     more = mcmc_init_params(svi, random.key(0), params, x, y, num_chains=7, resample=True)
     assert more["w"].shape == (7, 2) and len(np.unique(np.asarray(more["w"][:, 0]))) == 7
-    with pytest.raises(ValueError, match="num_chains=5 is larger than ensemble_size=3"):
+    with pytest.raises(ValueError, match="num_chains=5 is larger than the 3 usable members"):
         mcmc_init_params(ens, random.key(0), map_params, x, y, num_chains=5)
     with pytest.raises(ValueError, match="num_chains"):
         mcmc_init_params(ens, random.key(0), map_params, x, y, num_chains=0)

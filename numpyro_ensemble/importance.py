@@ -1,0 +1,157 @@
+r"""Importance weights of an SVI ensemble's draws, with the whole ensemble as the proposal.
+
+A draw :math:`z` of member :math:`e` gets the raw log weight
+
+.. math::
+
+    \log w(z) = \log p(y, z) - \log q_{\text{mix}}(z), \qquad
+    q_{\text{mix}}(z) = \frac{1}{E} \sum_{e'} q_{e'}(z),
+
+so members that cover the same posterior mass share it instead of counting twice,
+and a member far from the posterior gets almost nothing. Both densities are of the
+constrained latent values (an AutoGuide's density includes the Jacobian of its
+transform), the model is scored on the full data (subsampled plates take all
+indices), and the weights are smoothed with ArviZ's PSIS, whose :math:`\hat k`
+says whether they can be trusted (:math:`\hat k < 0.7`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+from jaxtyping import PRNGKeyArray
+import numpy as np
+from numpyro.handlers import substitute
+from numpyro.infer.util import log_density
+
+from numpyro_ensemble._checks import check_positive_int
+from numpyro_ensemble.health import usable_params
+from numpyro_ensemble.members import has_per_member, map_members, merge_args
+from numpyro_ensemble.posterior import _check_params, draw_guides, guide_sites
+from numpyro_ensemble.weights import ImportanceWeights, psis
+
+__all__ = ["importance_weights", "full_data"]
+
+
+def full_data(model, plates):
+    """``model`` with every subsampled plate taking all its indices (scale 1)."""
+    if not plates:
+        return model
+    return substitute(model, data={p.name: jnp.arange(p.size) for p in plates})
+
+
+def importance_weights(
+    ensemble,
+    rng_key: PRNGKeyArray,
+    params: dict,
+    *args,
+    num_samples: int = 100,
+    **kwargs,
+) -> ImportanceWeights:
+    r"""
+    Importance weights of ``num_samples`` draws per member, with the equal mixture
+    of all member guides as the proposal (see :mod:`numpyro_ensemble.importance`).
+
+    ``member_weights[e]`` is the share of posterior mass the weights give member
+    ``e``'s draws: with members on two modes of masses 0.3 and 0.7, the members of
+    each mode together get about 0.3 and 0.7, whatever their head count.
+    Members with non-finite params are excluded (weight 0). One jitted pass scores
+    every draw under the model and under every member's guide
+    (:math:`E^2 S` guide evaluations).
+
+    :param ensemble: a fitted :class:`~numpyro_ensemble.EnsembleSVI`; the guides
+        must have a density (not point masses: for an
+        :class:`~numpyro_ensemble.EnsembleMAP` use
+        :func:`~numpyro_ensemble.stacking_weights`).
+    :param jax.random.key rng_key: random number generator seed for the draws.
+    :param dict params: the ensemble's params, e.g. ``run(...).params``.
+    :param args: the model's arguments, with the data it was fit to.
+    :param int num_samples: draws per member, ``S``.
+    :param kwargs: the model's keyword arguments.
+    :return: :class:`~numpyro_ensemble.ImportanceWeights`.
+    """
+    num_samples = check_positive_int(num_samples, "num_samples")
+    _check_params(ensemble, params)
+    if has_per_member((args, kwargs)):
+        raise ValueError(
+            "importance_weights: the data differ between members (per_member), so the "
+            "members fit different posteriors; weight the members of one data set."
+        )
+    safe, finite = usable_params(params, "importance_weights", quiet=True)
+    sites = guide_sites(ensemble, safe, *args, **kwargs)
+    if all(site.point for site in sites):
+        raise ValueError(
+            f"importance_weights: the guide of this {type(ensemble).__name__} is a point "
+            f"mass (EnsembleMAP / AutoDelta), which has no density to weight draws with; "
+            f"use stacking_weights for point members."
+        )
+    draws, finite = draw_guides(
+        ensemble,
+        rng_key,
+        params,
+        args,
+        kwargs,
+        num_samples,
+        "importance_weights",
+        auxiliary=True,
+    )
+    latent = [s.name for s in sites if not s.auxiliary]
+    fixed = {s.name for s in sites if not s.point}
+    split = ensemble._split(args, kwargs)
+    model = full_data(ensemble.model, ensemble._inspect(split).plates)
+    guide, static_kwargs = ensemble.guide, ensemble.static_kwargs
+    E, S = ensemble.ensemble_size, num_samples
+    flat = jax.tree.map(lambda v: jnp.reshape(v, (E * S,) + v.shape[2:]), draws)
+
+    @jax.jit
+    def score(params, flat, dynamic):
+        args, kwargs = merge_args(dynamic, split.static)
+        kwargs = {**kwargs, **static_kwargs}
+
+        def log_joint(z):
+            return log_density(model, args, kwargs, {n: z[n] for n in latent})[0]
+
+        def log_q(member_params, z):
+            # Substitute the draw at the guide's non-point sites; its point sites (an
+            # AutoGuide's Delta of the transformed value) follow from them and add the
+            # transform's log-Jacobian.
+            def given(site):
+                if site["type"] == "sample" and site["name"] in fixed:
+                    return z[site["name"]]
+                return None
+
+            guide_at_z = substitute(guide, substitute_fn=given)
+            return log_density(guide_at_z, args, kwargs, member_params)[0]
+
+        log_p = jax.vmap(log_joint)(flat)
+        log_qs = map_members(
+            lambda member, z: jax.vmap(lambda one: log_q(member, one))(z),
+            params,
+            flat,
+            members_per_chunk=ensemble.members_per_chunk,
+        )
+        return log_p, log_qs
+
+    log_p, log_qs = score(safe, flat, split.dynamic)
+    log_qs = jnp.where(jnp.asarray(finite)[:, None], log_qs, -jnp.inf)
+    log_q_mix = logsumexp(log_qs, axis=0) - jnp.log(finite.sum())
+    raw = np.asarray(jnp.reshape(log_p - log_q_mix, (E, S)), dtype=np.float64)
+    raw = np.where(finite[:, None] & np.isfinite(raw), raw, -np.inf)
+    valid = np.isfinite(raw)
+    if not valid.any():
+        raise ValueError(
+            "importance_weights: no draw has a finite log density under the model; "
+            "check the data and the params."
+        )
+    smoothed, k = psis(raw[valid])
+    log_weights = np.full((E, S), -np.inf)
+    log_weights[valid] = smoothed
+    member = np.exp(logsumexp(log_weights, axis=1))
+    return ImportanceWeights(
+        samples={name: draws[name] for name in latent},
+        log_weights=jnp.asarray(log_weights),
+        member_weights=jnp.asarray(member / member.sum()),
+        pareto_k=float(k),
+        ess=float(1.0 / np.sum(np.exp(2 * smoothed))),
+    )
