@@ -10,6 +10,7 @@ from numpyro_ensemble.mcmc import mcmc_init_params
 from numpyro_ensemble.members import IdenticalMembersWarning, per_member
 from numpyro_ensemble.oneshot import ensemble_map, ensemble_svi
 from numpyro_ensemble.posterior import ensemble_predict, ensemble_predictive, sample_posterior
+from numpyro_ensemble.selection import concat_members, select_members, take_member
 from numpyro_ensemble.stacking import stacking_weights
 from numpyro_ensemble.svi import EnsembleSVI
 from numpyro_ensemble.weights import ImportanceWeights, StackingWeights
@@ -22,6 +23,7 @@ __all__ = [
     "ImportanceWeights",
     "StackingWeights",
     "TemperedTrace_ELBO",
+    "concat_members",
     "enable_compilation_cache",
     "ensemble_summary",
     "ensemble_map",
@@ -32,7 +34,9 @@ __all__ = [
     "mcmc_init_params",
     "per_member",
     "sample_posterior",
+    "select_members",
     "stacking_weights",
+    "take_member",
     "to_arviz",
 ]
 

@@ -63,3 +63,92 @@ def warn(message: str, category: type[Warning]) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def check_learning_rate(value, name: str = "learning_rate") -> float:
+    """A step size: a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number > 0, got {value!r} of type {type(value).__name__}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}.")
+    return float(value)
+
+
+def check_instance(value, name: str, example: str, method: str):
+    """``guide`` / ``loss`` given as a class or a string instead of an instance."""
+    if isinstance(value, type):
+        raise TypeError(
+            f"{name} must be an instance, e.g. {example}, got the class {value.__name__} itself."
+        )
+    if isinstance(value, (str, bytes)) or not hasattr(value, method):
+        raise TypeError(f"{name} must be an object like {example}, got {value!r}.")
+    return value
+
+
+def check_params_tree(params, ensemble_size: int, name: str = "params") -> None:
+    """Params (or points) of this ensemble: a dict with a leading ``(E,)`` axis on
+    every leaf; a whole ``SVIRunResult`` or ``SVIState`` is a clear error."""
+    from numpyro.infer.svi import SVIRunResult, SVIState
+
+    if isinstance(params, SVIRunResult):
+        raise TypeError(
+            f"{name} must be the params dict, got a whole SVIRunResult: pass result.params."
+        )
+    if isinstance(params, SVIState):
+        raise TypeError(
+            f"{name} must be the params dict, got an SVIState: pass ensemble.get_params(state)."
+        )
+    if not isinstance(params, dict):
+        raise TypeError(f"{name} must be a dict of arrays, got {type(params).__name__}.")
+    sizes = leading_sizes(params)
+    if sizes != {ensemble_size}:
+        raise ValueError(
+            f"{name} must have a leading axis of size ensemble_size={ensemble_size} on every "
+            f"leaf (e.g. run(...).params), got leading sizes "
+            f"{sorted(s for s in sizes if s is not None)}."
+        )
+
+
+def check_init_values(init_params: dict) -> None:
+    """``init_params`` values: numeric and finite (before anything is compiled)."""
+    for name, value in init_params.items():
+        for leaf in jax.tree.leaves(value):
+            if isinstance(leaf, (str, bytes)) or not np.issubdtype(np.asarray(leaf).dtype, np.number):
+                raise TypeError(
+                    f"init_params[{name!r}] must hold numbers, got {leaf!r} of type "
+                    f"{type(leaf).__name__}."
+                )
+            if not isinstance(leaf, jax.core.Tracer) and not np.isfinite(np.asarray(leaf)).all():
+                raise ValueError(f"init_params[{name!r}] has non-finite values (NaN or inf).")
+
+
+def check_support(init_params: dict, constrain_fn) -> None:
+    """Each ``init_params`` value inside its param's support: NumPyro's ``SVI.init``
+    keeps the params' transforms in ``constrain_fn = partial(transform_fn, transforms)``."""
+    transforms = getattr(constrain_fn, "args", (None,))[0]
+    if not isinstance(transforms, dict):
+        return
+    for name, value in init_params.items():
+        transform = transforms.get(name)
+        if transform is None or isinstance(value, jax.core.Tracer) or not hasattr(value, "shape"):
+            continue
+        with np.errstate(all="ignore"):
+            inside = np.isfinite(np.asarray(transform.inv(value))).all()
+        if not inside:
+            raise ValueError(
+                f"init_params[{name!r}] is outside the param's support "
+                f"({getattr(transform, 'codomain', 'its constraint')}); e.g. scales must be > 0."
+            )
+
+
+def check_state_params(state_params, constrain_fn) -> None:
+    """``init_state`` made by this model and guide: the same param names."""
+    transforms = getattr(constrain_fn, "args", (None,))[0]
+    if not isinstance(transforms, dict) or not isinstance(state_params, dict):
+        return
+    if set(state_params) != set(transforms):
+        raise ValueError(
+            f"init_state holds the params {sorted(state_params)}, but this model and guide "
+            f"have {sorted(transforms)}: pass a state made by an ensemble of the same "
+            f"model and guide."
+        )

@@ -122,6 +122,12 @@ def to_arviz(
         params, losses = result.params, result.losses
     post_key, pred_key = jax.random.split(rng_key)
     E = ensemble.ensemble_size
+    model_kwargs = {**kwargs, **ensemble.static_kwargs}
+    prior_trace = trace(seed(ensemble.model, 0)).get_trace(*args, **model_kwargs)
+    stats = ["member"] + (["loss"] if losses is not None else [])
+    stats += ["member_weight"] if weights is not None else []
+    stats += ["log_weight"] if isinstance(weights, ImportanceWeights) else []
+    all_dims = _check_dims(prior_trace, dims or {}, coords or {}, constant_data or {}, stats)
     member_weights = None if weights is None else member_weights_of(weights, E)
     if isinstance(weights, ImportanceWeights):
         draws = weights.samples
@@ -134,7 +140,6 @@ def to_arviz(
     S = next(iter(jax.tree.leaves(draws))).shape[1]
     kept = np.flatnonzero(finite)
 
-    model_kwargs = {**kwargs, **ensemble.static_kwargs}
     one_draw = jax.tree.map(lambda v: v[kept[0], 0], draws)
     model_trace = trace(substitute(seed(ensemble.model, 0), one_draw)).get_trace(
         *args, **model_kwargs
@@ -181,22 +186,52 @@ def to_arviz(
     if constant_data:
         groups["constant_data"] = {k: np.asarray(v) for k, v in constant_data.items()}
 
-    all_dims = _plate_dims(model_trace)
-    known = set().union(*(set(data) for data in groups.values()))
-    unknown = sorted(set(dims or {}) - known)
+    return _from_dict(groups, coords={"chain": kept, **(coords or {})}, dims=all_dims)
+
+
+def _check_dims(model_trace, dims, coords, constant_data, stats) -> dict:
+    """The dim names of every exported site (the plates', then ``dims``), with ``dims``
+    and ``coords`` checked against the sites' shapes from a prior trace (before drawing)."""
+    shapes = {
+        name: np.shape(site["value"])
+        for name, site in model_trace.items()
+        if site["type"] in ("sample", "deterministic")
+        and not site.get("infer", {}).get("is_auxiliary", False)
+    }
+    shapes.update({name: () for name in stats})
+    shapes.update({name: np.shape(value) for name, value in constant_data.items()})
+    unknown = sorted(set(dims) - set(shapes))
     if unknown:
         raise ValueError(
-            f"dims names unknown sites {unknown}; the exported sites are {sorted(known)}."
+            f"dims names unknown sites {unknown}; the exported sites are {sorted(shapes)}."
         )
-    all_dims.update(dims or {})
-    all_dims = {k: list(v) for k, v in all_dims.items() if k in known}
-    used = {d for names in all_dims.values() for d in names}
-    unused = sorted(set(coords or {}) - used)
+    all_dims = {k: list(v) for k, v in _plate_dims(model_trace).items()}
+    for name, names in dims.items():
+        if isinstance(names, str):
+            raise TypeError(f"dims[{name!r}] must be a list of dim names, got the string {names!r}.")
+        if len(names) > len(shapes[name]):
+            raise ValueError(
+                f"dims[{name!r}] names {len(names)} dims {list(names)}, but the site has "
+                f"shape {shapes[name]} after (chain, draw)."
+            )
+        all_dims[name] = list(names)
+    all_dims = {k: v for k, v in all_dims.items() if k in shapes}
+    lengths = {}
+    for name, names in all_dims.items():
+        for dim, size in zip(names, shapes[name], strict=False):
+            lengths.setdefault(dim, set()).add(size)
+    unused = sorted(set(coords) - set(lengths))
     if unused:
         raise ValueError(
-            f"coords names dims {unused} that no site uses; the dims are {sorted(used)}."
+            f"coords names dims {unused} that no site uses; the dims are {sorted(lengths)}."
         )
-    return _from_dict(groups, coords={"chain": kept, **(coords or {})}, dims=all_dims)
+    for dim, values in coords.items():
+        if len(values) not in lengths[dim] or len(lengths[dim]) > 1:
+            raise ValueError(
+                f"coords[{dim!r}] has {len(values)} values, but dim {dim!r} has length "
+                f"{sorted(lengths[dim])}."
+            )
+    return all_dims
 
 
 def _from_dict(groups, *, coords, dims):

@@ -9,7 +9,7 @@ from numpyro.infer.autoguide import AutoDelta
 from numpyro.infer.initialization import init_to_median
 from numpyro.infer.svi import SVIState
 
-from numpyro_ensemble._checks import check_weight
+from numpyro_ensemble._checks import check_params_tree, check_weight
 from numpyro_ensemble.elbo import TemperedTrace_ELBO
 from numpyro_ensemble.inspection import ModelInfo, signature
 from numpyro_ensemble.members import SplitArgs, map_members
@@ -97,6 +97,11 @@ class EnsembleMAP(EnsembleSVI):
         **static_kwargs,
     ):
         self.prior_weight = check_weight(prior_weight, "prior_weight")
+        if not callable(init_loc_fn) or isinstance(init_loc_fn, type):
+            raise TypeError(
+                f"init_loc_fn must be an init strategy such as init_to_median or "
+                f"init_to_uniform(radius=1.0), got {init_loc_fn!r}."
+            )
         self._init_loc_fn = init_loc_fn
         super().__init__(
             model,
@@ -149,6 +154,7 @@ class EnsembleMAP(EnsembleSVI):
         params = params_or_state
         if isinstance(params_or_state, SVIState):
             params = self.get_params(params_or_state)
+        check_params_tree(params, self.ensemble_size, "params_or_state")
         self._check_initialized("get_points")
         return map_members(lambda member, _: self.guide.median(member), params)
 

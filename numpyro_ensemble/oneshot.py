@@ -7,6 +7,7 @@ from numpyro.infer import Trace_ELBO
 from numpyro.infer.initialization import init_to_median
 import optax
 
+from numpyro_ensemble._checks import check_learning_rate
 from numpyro_ensemble.map import EnsembleMAP
 from numpyro_ensemble.svi import EnsembleSVI
 
@@ -17,7 +18,7 @@ def _optimizer(optim, learning_rate):
     if optim is not None and learning_rate is not None:
         raise ValueError("pass either optim or learning_rate, not both.")
     if optim is None:
-        return optax.adam(5e-3 if learning_rate is None else learning_rate)
+        return optax.adam(5e-3 if learning_rate is None else check_learning_rate(learning_rate))
     return optim
 
 

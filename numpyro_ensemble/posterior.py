@@ -16,9 +16,10 @@ from jaxtyping import Array, PRNGKeyArray, PyTree
 import numpyro.distributions as dist
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import Predictive
+from numpyro.infer.svi import SVIRunResult
 from numpyro.primitives import Messenger
 
-from numpyro_ensemble._checks import check_positive_int, leading_sizes
+from numpyro_ensemble._checks import check_params_tree, check_positive_int, leading_sizes
 from numpyro_ensemble.health import blank, usable_params
 from numpyro_ensemble.members import (
     apply_members,
@@ -40,13 +41,7 @@ __all__ = ["ensemble_predict", "ensemble_predictive", "sample_posterior"]
 
 
 def _check_params(ensemble, params):
-    sizes = leading_sizes(params)
-    if sizes != {ensemble.ensemble_size}:
-        raise ValueError(
-            f"params must have a leading axis of size ensemble_size="
-            f"{ensemble.ensemble_size} on every leaf (e.g. run(...).params), got "
-            f"leading sizes {sorted(s for s in sizes if s is not None)}."
-        )
+    check_params_tree(params, ensemble.ensemble_size)
 
 
 class GuideSite(NamedTuple):
@@ -284,6 +279,13 @@ def ensemble_predict(
         gets ``inputs[e]``), e.g. each member's own test fold.
     :return: predictions with a leading ``(E,)`` axis.
     """
+    if not callable(predict_fn):
+        raise TypeError(
+            f"predict_fn must be a callable (params, *inputs) -> prediction, got "
+            f"{type(predict_fn).__name__}."
+        )
+    if isinstance(params, SVIRunResult):
+        raise TypeError("params must be the params or points, got a whole SVIRunResult: pass result.params.")
     sizes = leading_sizes(params)
     if len(sizes) != 1 or None in sizes:
         raise ValueError(

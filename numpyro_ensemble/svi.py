@@ -11,7 +11,15 @@ from numpyro.handlers import substitute
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
 from numpyro_ensemble import batching, loop
-from numpyro_ensemble._checks import check_positive_int, leading_sizes, warn
+from numpyro_ensemble._checks import (
+    check_init_values,
+    check_instance,
+    check_positive_int,
+    check_state_params,
+    check_support,
+    leading_sizes,
+    warn,
+)
 from numpyro_ensemble.guides import guide_template, member_guide
 from numpyro_ensemble.inspection import ModelInfo, inspect_model
 from numpyro_ensemble.members import (
@@ -138,6 +146,8 @@ class EnsembleSVI(SVI):
         **static_kwargs,
     ):
         self.ensemble_size = check_positive_int(ensemble_size, "ensemble_size")
+        check_instance(guide, "guide", "AutoNormal(model)", "__call__")
+        check_instance(loss, "loss", "Trace_ELBO()", "loss")
         try:
             super().__init__(model, guide, optim, loss, **static_kwargs)
         except TypeError as err:
@@ -277,6 +287,8 @@ class EnsembleSVI(SVI):
         """
         split = self._split(args, kwargs)
         self._inspect(split)
+        if isinstance(init_params, dict):
+            check_init_values(init_params)
         keys = self.member_keys(rng_key)
         progs = loop.programs(self)
         reference = self._set_up(keys[0], args, kwargs, progs, init_params is not None)
@@ -290,6 +302,7 @@ class EnsembleSVI(SVI):
             init_params, shared_names = stack_init_params(
                 init_params, reference, self.ensemble_size
             )
+            check_support(init_params, self.constrain_fn)
         state, flags = progs.init(
             put(keys, self.mesh, True),
             put(init_params, self.mesh, True),
@@ -442,6 +455,7 @@ class EnsembleSVI(SVI):
             self._check_state(init_state, "init_state")
             # A new object resuming a saved state sets up the guide first.
             self._set_up(rng_key, args, kwargs, progs, need_reference=False)
+            check_state_params(self.optim.get_params(init_state.optim_state), self.constrain_fn)
             svi_state = put(init_state, self.mesh, True)
 
         plates = self._plates(split)

@@ -135,3 +135,12 @@ def test_bad_input(svi_export, data):
         to_arviz(svi, random.key(0), result, x, y, num_samples=2, coords={"school": [1, 2]})
     with pytest.raises(ValueError, match="num_samples"):
         to_arviz(svi, random.key(0), result, x, y, num_samples=0)
+    with pytest.raises(ValueError, match=r"coords\['coef'\] has 3 values, but dim 'coef' has length \[2\]"):
+        to_arviz(svi, random.key(0), result, x, y, num_samples=2, dims={"w": ["coef"]},
+                 coords={"coef": ["a", "b", "c"]})
+    with pytest.raises(ValueError, match=r"dims\['w'\] names 2 dims \['coef', 'extra'\], but the site has shape \(2,\)"):
+        to_arviz(svi, random.key(0), result, x, y, num_samples=2, dims={"w": ["coef", "extra"]})
+    with pytest.raises(TypeError, match=r"dims\['w'\] must be a list of dim names"):
+        to_arviz(svi, random.key(0), result, x, y, num_samples=2, dims={"w": "coef"})
+    with pytest.raises(ValueError, match=r"coords\['obs'\] has 3 values"):
+        to_arviz(svi, random.key(0), result, x, y, num_samples=2, coords={"obs": [0, 1, 2]})
