@@ -12,10 +12,12 @@ from numpyro_ensemble.oneshot import ensemble_map, ensemble_svi
 from numpyro_ensemble.posterior import ensemble_predict, ensemble_predictive, sample_posterior
 from numpyro_ensemble.selection import concat_members, select_members, take_member
 from numpyro_ensemble.stacking import stacking_weights
+from numpyro_ensemble.stopping import EarlyStopping
 from numpyro_ensemble.svi import EnsembleSVI
 from numpyro_ensemble.weights import ImportanceWeights, StackingWeights
 
 __all__ = [
+    "EarlyStopping",
     "EnsembleMAP",
     "EnsembleSVI",
     "EnsembleSummary",

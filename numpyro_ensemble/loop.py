@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import tqdm
 
-from numpyro_ensemble import batching
+from numpyro_ensemble import batching, stopping
 from numpyro_ensemble.members import (
     SplitArgs,
     apply_members,
@@ -89,7 +89,10 @@ class Programs:
         self.init = jax.jit(self._init, static_argnames=("static", "axes"))
         self.chunk = jax.jit(
             self._chunk,
-            static_argnames=("static", "axes", "plates", "length", "stable_update", "forward_mode"),
+            static_argnames=(
+                "static", "axes", "plates", "length", "stable_update", "forward_mode",
+                "early_stopping",
+            ),
         )
         self.get_params = jax.jit(self._get_params)
 
@@ -124,13 +127,13 @@ class Programs:
         )
 
     def _chunk(
-        self, state, stream, keys, dynamic,
-        *, static, axes, plates, length, stable_update, forward_mode,
+        self, state, stream, keys, dynamic, stop,
+        *, static, axes, plates, length, stable_update, forward_mode, early_stopping,
     ):
         owner = self.owner
         mode = owner.subsample
 
-        def local(state, stream, keys, mapped_dyn, shared_dyn):
+        def local(state, stream, keys, mapped_dyn, shared_dyn, stop):
             num_local = jax.tree.leaves(state)[0].shape[0]
             dynamic = combine(mapped_dyn, shared_dyn, axes)
             nbytes = sum(d.size * d.dtype.itemsize for a, d in zip(axes, dynamic, strict=True) if a is None)
@@ -152,40 +155,46 @@ class Programs:
                 )
 
             def step(carry, _):
-                state, stream = carry
+                state, stream, stop = carry
                 indices = {}
                 if plates:
                     indices, stream = batching.advance(plates, mode, keys, stream, self._map_options)
-                state, losses = map_members(
+                new_state, losses = map_members(
                     member, (state, indices, member_dyn), member_shared, **self._map_options
                 )
-                return (state, stream), losses
+                state, losses, stop = stopping.apply(early_stopping, stop, state, new_state, losses)
+                return (state, stream, stop), losses
 
-            (state, stream), losses = lax.scan(step, (state, stream), None, length=length)
-            return state, stream, losses.T
+            (state, stream, stop), losses = lax.scan(
+                step, (state, stream, stop), None, length=length
+            )
+            return state, stream, losses.T, stop
 
         stream_members = False  # the stream's position is the same for every member
         mapped_dyn, shared_dyn = partition(dynamic, axes)
-        state, stream, losses = shard_members(
+        state, stream, losses, stop = shard_members(
             local,
             owner.mesh,
-            (True, stream_members, True, True, False),
-            (True, stream_members, True),
-        )(state, stream, keys, mapped_dyn, shared_dyn)
-        return state, stream, losses, _summary(losses, owner.mesh)
+            (True, stream_members, True, True, False, True),
+            (True, stream_members, True, True),
+        )(state, stream, keys, mapped_dyn, shared_dyn, stop)
+        return state, stream, losses, stop, _summary(losses, stop, owner.mesh)
 
 
-def _summary(losses, mesh):
+def _summary(losses, stop, mesh):
     """What the host reads after a chunk: (mean, min, max) over members of their mean
-    loss in the chunk, and which members had a non-finite loss; replicated, so every
-    host can read them."""
+    loss in the chunk, which members had a non-finite loss, and whether every member
+    has stopped; replicated, so every host can read them."""
     per_member = jnp.nanmean(losses, axis=1)
     stats = jnp.stack([jnp.nanmean(per_member), jnp.nanmin(per_member), jnp.nanmax(per_member)])
     nonfinite = jnp.any(~jnp.isfinite(losses), axis=1)
+    all_stopped = jnp.all(stop.stopped)
     if mesh is not None:
         replicated = NamedSharding(mesh, PartitionSpec())
-        stats, nonfinite = jax.lax.with_sharding_constraint((stats, nonfinite), replicated)
-    return stats, nonfinite
+        stats, nonfinite, all_stopped = jax.lax.with_sharding_constraint(
+            (stats, nonfinite, all_stopped), replicated
+        )
+    return stats, nonfinite, all_stopped
 
 
 def chunk_lengths(num_steps: int, progress_bar: bool) -> list[int]:
@@ -204,29 +213,40 @@ def chunk_lengths(num_steps: int, progress_bar: bool) -> list[int]:
     return [length] * full + ([tail] if tail else [])
 
 
-def drive(run_chunk, state, stream, num_steps: int, progress_bar: bool):
+def drive(run_chunk, state, stream, stop, num_steps: int, progress_bar: bool, chunked: bool):
     """Run ``num_steps`` steps as scanned chunks, advancing a tqdm bar between them.
 
-    ``run_chunk(state, stream, length) -> (state, stream, losses, (stats, nonfinite))``.
-    The host reads chunk ``k``'s summary while chunk ``k + 1`` runs on the device.
-    Returns ``(state, losses (E, num_steps), nonfinite (E,) bool)``.
+    ``run_chunk(state, stream, stop, length) -> (state, stream, losses, stop, summary)``.
+    The host reads chunk ``k``'s summary while chunk ``k + 1`` runs on the device; once
+    every member has stopped (early stopping) no further chunk is started, and the
+    losses of the steps not run repeat each member's last loss. ``chunked`` cuts the
+    run into chunks even without a progress bar (for early stopping).
+    Returns ``(state, losses (E, num_steps), nonfinite (E,) bool, stop)``.
     """
-    losses, nonfinite = [], None
+    losses, nonfinite, done = [], None, 0
     with tqdm.tqdm(total=num_steps, disable=not progress_bar) as bar:
         pending = None
-        for length in chunk_lengths(num_steps, progress_bar):
-            state, stream, chunk_losses, summary = run_chunk(state, stream, length)
+        for length in chunk_lengths(num_steps, progress_bar or chunked):
+            state, stream, chunk_losses, stop, summary = run_chunk(state, stream, stop, length)
             losses.append(chunk_losses)
+            done += length
             if pending is not None:
-                nonfinite = _report(bar, *pending, nonfinite)
+                nonfinite, finished = _report(bar, *pending, nonfinite)
+                if finished:
+                    break
             pending = (length, summary)
-        nonfinite = _report(bar, *pending, nonfinite)
+        else:
+            nonfinite, _ = _report(bar, *pending, nonfinite)
     losses = losses[0] if len(losses) == 1 else jnp.concatenate(losses, axis=1)
-    return state, losses, nonfinite
+    if done < num_steps:
+        losses = jnp.concatenate(
+            [losses, jnp.broadcast_to(losses[:, -1:], (losses.shape[0], num_steps - done))], axis=1
+        )
+    return state, losses, nonfinite, stop
 
 
 def _report(bar, length, summary, nonfinite):
-    stats, bad = jax.device_get(summary)  # blocks until that chunk is done
+    stats, bad, finished = jax.device_get(summary)  # blocks until that chunk is done
     nonfinite = bad if nonfinite is None else nonfinite | bad
     if not bar.disable:
         with warnings.catch_warnings():
@@ -236,4 +256,4 @@ def _report(bar, length, summary, nonfinite):
             f"loss over members: mean {mean:.4g}, min {low:.4g}, max {high:.4g}", refresh=False
         )
         bar.update(length)
-    return np.asarray(nonfinite)
+    return np.asarray(nonfinite), bool(finished)

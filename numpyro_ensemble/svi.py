@@ -10,7 +10,7 @@ import numpy as np
 from numpyro.handlers import substitute
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
-from numpyro_ensemble import batching, loop
+from numpyro_ensemble import batching, loop, stopping
 from numpyro_ensemble._checks import (
     check_init_values,
     check_instance,
@@ -34,6 +34,7 @@ from numpyro_ensemble.members import (
     warn_identical,
 )
 from numpyro_ensemble.sharding import check_divides, member_mesh, put
+from numpyro_ensemble.stopping import EarlyStopping, extra_fields
 
 __all__ = ["EnsembleSVI"]
 
@@ -171,6 +172,26 @@ class EnsembleSVI(SVI):
         self._optim_arg = optim
         self._guide_template = guide_template(guide)
         self._warned_identical = False
+        self._extra_fields = None
+
+    # -- what happened in the last run ----------------------------------------------
+
+    def get_extra_fields(self) -> dict:
+        """
+        What happened to each member in the last :meth:`run`, MCMC-style:
+        ``stopped_at`` ``(E,)`` (the steps a member took before early stopping;
+        ``num_steps`` if it never stopped), ``diverged`` ``(E,)`` (a non-finite loss
+        at any step) and ``final_loss`` ``(E,)``.
+        """
+        if getattr(self, "_extra_fields", None) is None:
+            raise RuntimeError(f"{type(self).__name__}.get_extra_fields: call run() first.")
+        return dict(self._extra_fields)
+
+    def print_summary(self) -> None:
+        """Prints :meth:`get_extra_fields` per member, in the style of
+        ``MCMC.print_summary``; :func:`~numpyro_ensemble.ensemble_summary` adds
+        weights, modes and R-hat."""
+        print(stopping.format_fields(self.get_extra_fields()))
 
     # -- the ensemble axis -------------------------------------------------------
 
@@ -418,6 +439,7 @@ class EnsembleSVI(SVI):
         forward_mode_differentiation: bool = False,
         init_state: SVIState | None = None,
         init_params: dict | None = None,
+        early_stopping: EarlyStopping | None = None,
         **kwargs,
     ) -> SVIRunResult:
         """
@@ -440,12 +462,23 @@ class EnsembleSVI(SVI):
         :param SVIState init_state: if not None, continue from this state (e.g.
             ``result.state`` of a previous run).
         :param init_params: initial param values, as for :meth:`init`.
+        :param early_stopping: an :class:`~numpyro_ensemble.EarlyStopping` rule: a
+            member whose smoothed loss stops improving stops updating (keeping the
+            state of a run of that many steps) while the others go on; the run ends
+            early once all have stopped. See :meth:`get_extra_fields`.
         :param kwargs: keyword arguments to the model / guide.
         :return: :data:`~numpyro.infer.svi.SVIRunResult` ``(params, state, losses)``
             with a leading ``(E,)`` axis on every params leaf and
             ``losses.shape == (E, num_steps)``.
         """
         num_steps = check_positive_int(num_steps, "num_steps")
+        if early_stopping is not None:
+            if not isinstance(early_stopping, EarlyStopping):
+                raise TypeError(
+                    f"early_stopping must be an EarlyStopping(patience=...), got "
+                    f"{type(early_stopping).__name__}."
+                )
+            early_stopping = early_stopping.check()
         split = self._split(args, kwargs)
         self._inspect(split)
         progs = loop.programs(self)
@@ -467,17 +500,21 @@ class EnsembleSVI(SVI):
         stream = position
         dynamic = self._put_args(split)
 
-        def run_chunk(state, stream, length):
+        def run_chunk(state, stream, stop, length):
             return progs.chunk(
-                state, stream, keys, dynamic,
+                state, stream, keys, dynamic, stop,
                 static=split.static, axes=split.axes, plates=plates, length=length,
                 stable_update=bool(stable_update),
                 forward_mode=bool(forward_mode_differentiation),
+                early_stopping=early_stopping,
             )
 
-        svi_state, losses, nonfinite = loop.drive(
-            run_chunk, svi_state, stream, num_steps, progress_bar
+        stop = put(stopping.init(self.ensemble_size), self.mesh, True)
+        svi_state, losses, nonfinite, stop = loop.drive(
+            run_chunk, svi_state, stream, stop, num_steps, progress_bar,
+            chunked=early_stopping is not None,
         )
+        self._extra_fields = extra_fields(losses, stop, num_steps)
         bad = np.flatnonzero(nonfinite)
         if bad.size:
             kept = (

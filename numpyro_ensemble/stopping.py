@@ -1,0 +1,130 @@
+r"""Early stopping of members inside the scanned ``run``.
+
+The rule, per member, at every step :math:`t` with loss :math:`\ell_t` (the loss at
+the params before the step's update, as ``SVI.update`` reports it):
+
+.. math::
+
+    m_t = \alpha\, m_{t-1} + (1 - \alpha)\, \ell_t \quad (m_0 = \ell_0), \qquad
+    \text{improved if } m_t < m^{\text{best}} - \delta,
+
+with :math:`\alpha` = ``smoothing`` (an exponential moving average: an ELBO
+estimated from few particles is noisy, and a raw loss would stop a member at its
+first unlucky draw) and :math:`\delta` = ``min_delta``. After ``patience`` steps in
+a row without improvement the member stops: it keeps the state it has after that
+step, so a member that stopped at step :math:`s` (``stopped_at[e] = s`` updates
+applied) has exactly the state of a plain run of :math:`s` steps, and its losses
+from step :math:`s` on repeat its last loss. The other members go on; ``run``
+returns early, between scanned chunks, once every member has stopped. A
+non-finite loss never counts as an improvement.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["EarlyStopping"]
+
+
+class EarlyStopping(NamedTuple):
+    """Stop a member once its smoothed loss has not improved by ``min_delta`` for
+    ``patience`` steps (see :mod:`numpyro_ensemble.stopping`). Pass it as
+    ``run(..., early_stopping=EarlyStopping(patience=200))``."""
+
+    patience: int
+    """Steps without improvement before a member stops (>= 1)."""
+    min_delta: float = 0.0
+    """The smallest decrease of the smoothed loss that counts as an improvement (>= 0)."""
+    smoothing: float = 0.9
+    """Weight :math:`\\alpha` of the past in the moving average of the loss, in [0, 1)."""
+
+    def check(self) -> EarlyStopping:
+        if isinstance(self.patience, bool) or not isinstance(self.patience, numbers.Integral) or self.patience < 1:
+            raise ValueError(f"EarlyStopping.patience must be an int >= 1, got {self.patience!r}.")
+        if not isinstance(self.min_delta, numbers.Real) or not 0 <= self.min_delta < float("inf"):
+            raise ValueError(f"EarlyStopping.min_delta must be a finite number >= 0, got {self.min_delta!r}.")
+        if not isinstance(self.smoothing, numbers.Real) or not 0 <= self.smoothing < 1:
+            raise ValueError(f"EarlyStopping.smoothing must be in [0, 1), got {self.smoothing!r}.")
+        return EarlyStopping(int(self.patience), float(self.min_delta), float(self.smoothing))
+
+
+class StopState(NamedTuple):
+    """Per-member arrays, each ``(E,)``, carried through the scan."""
+
+    taken: jax.Array  # updates applied
+    stopped: jax.Array
+    smoothed: jax.Array
+    best: jax.Array
+    wait: jax.Array
+    last_loss: jax.Array
+
+
+def init(num_members: int, steps_taken=0) -> StopState:
+    return StopState(
+        taken=jnp.full((num_members,), steps_taken, jnp.int32),
+        stopped=jnp.zeros((num_members,), bool),
+        smoothed=jnp.full((num_members,), jnp.nan, jnp.float32),
+        best=jnp.full((num_members,), jnp.inf, jnp.float32),
+        wait=jnp.zeros((num_members,), jnp.int32),
+        last_loss=jnp.full((num_members,), jnp.nan, jnp.float32),
+    )
+
+
+def _keep(stopped, old, new):
+    """Per leaf with a leading member axis: ``old`` where the member has stopped."""
+    def one(o, n):
+        mask = jnp.reshape(stopped, stopped.shape + (1,) * (jnp.ndim(n) - 1))
+        return jnp.where(mask, o, n)
+
+    return jax.tree.map(one, old, new)
+
+
+def apply(rule: EarlyStopping | None, stop: StopState, old_state, new_state, losses):
+    """One step of the rule: stopped members keep ``old_state`` and report their last
+    loss; the others take ``new_state``, and may stop after it."""
+    if rule is None:
+        return new_state, losses, stop._replace(taken=stop.taken + 1, last_loss=losses)
+    state = _keep(stop.stopped, old_state, new_state)
+    losses = jnp.where(stop.stopped, stop.last_loss, losses)
+    running = ~stop.stopped
+    first = jnp.isnan(stop.smoothed)
+    smoothed = jnp.where(first, losses, rule.smoothing * stop.smoothed + (1 - rule.smoothing) * losses)
+    improved = jnp.isfinite(smoothed) & (smoothed < stop.best - rule.min_delta)
+    best = jnp.where(improved, smoothed, stop.best)
+    wait = jnp.where(improved, 0, stop.wait + 1)
+    stopped = stop.stopped | (wait >= rule.patience)
+    new = StopState(
+        taken=stop.taken + running.astype(jnp.int32),
+        stopped=stopped,
+        smoothed=jnp.where(running, smoothed, stop.smoothed),
+        best=jnp.where(running, best, stop.best),
+        wait=jnp.where(running, wait, stop.wait),
+        last_loss=losses,
+    )
+    return state, losses, new
+
+
+def extra_fields(losses, stop: StopState, num_steps: int) -> dict:
+    """``stopped_at``, ``diverged`` and ``final_loss`` per member after a run."""
+    stop = jax.device_get(stop)
+    losses = jnp.asarray(losses)
+    return {
+        "stopped_at": jnp.where(stop.stopped, stop.taken, num_steps),
+        "diverged": jnp.any(~jnp.isfinite(losses), axis=1),
+        "final_loss": losses[:, -1],
+    }
+
+
+def format_fields(fields: dict) -> str:
+    """The per-member table of :meth:`EnsembleSVI.print_summary`."""
+    lines = [f"{'member':>8} {'final loss':>12} {'stopped at':>11} {'diverged':>9}"]
+    for e in range(fields["final_loss"].shape[0]):
+        lines.append(
+            f"{e:>8} {float(fields['final_loss'][e]):>12.5g} {int(fields['stopped_at'][e]):>11} "
+            f"{'yes' if fields['diverged'][e] else 'no':>9}"
+        )
+    return "\n".join(lines)
