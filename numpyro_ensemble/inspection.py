@@ -12,7 +12,10 @@ from collections import OrderedDict
 from typing import NamedTuple
 
 import jax
-from numpyro.handlers import seed, trace
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from numpyro.distributions.transforms import biject_to
+from numpyro.handlers import seed, substitute, trace
 
 from numpyro_ensemble.batching import Plate, subsampled_plates
 from numpyro_ensemble.members import SplitArgs, merge_args
@@ -58,6 +61,19 @@ def signature(model, split: SplitArgs, static_kwargs: dict):
     return (model, split.static, avals, kwargs)
 
 
+def _improper_value(site):
+    """A value for an improper (``ImproperUniform``) latent site, which cannot be sampled."""
+    fn = site.get("fn")
+    if site["type"] != "sample" or site.get("is_observed") or fn is None:
+        return None
+    base = fn
+    while isinstance(base, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
+        base = base.base_dist
+    if not isinstance(base, dist.ImproperUniform):
+        return None
+    return biject_to(fn.support)(jnp.zeros(fn.shape()))
+
+
 def inspect_model(model, split: SplitArgs, static_kwargs: dict) -> ModelInfo:
     """The :class:`ModelInfo` of ``model`` on one member's arguments (cached per shapes)."""
     key = signature(model, split, static_kwargs)
@@ -73,7 +89,9 @@ def inspect_model(model, split: SplitArgs, static_kwargs: dict) -> ModelInfo:
 
     def trace_model(dynamic):
         args, kwargs = merge_args(dynamic, split.static)
-        model_trace = trace(seed(model, 0)).get_trace(*args, **kwargs, **static_kwargs)
+        model_trace = trace(substitute(seed(model, 0), substitute_fn=_improper_value)).get_trace(
+            *args, **kwargs, **static_kwargs
+        )
         latent, discrete, observed = [], [], []
         for name, site in model_trace.items():
             if site["type"] != "sample":

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 
 from jaxtyping import PRNGKeyArray
+import numpyro.distributions as dist
 from numpyro.infer.autoguide import AutoDelta
-from numpyro.infer.initialization import init_to_median
+from numpyro.infer.initialization import init_to_median, init_to_uniform
 from numpyro.infer.svi import SVIState
 
 from numpyro_ensemble._checks import check_params_tree, check_weight
@@ -22,6 +24,21 @@ __all__ = ["EnsembleMAP"]
 # (the programs are kept per guide); data of another shape gets a guide of its own.
 _GUIDES_KEPT = 64
 _guides: OrderedDict = OrderedDict()
+
+
+def init_to_median_or_uniform(site=None, num_samples=15, radius=2):
+    """``init_to_median`` for sites whose prior can be sampled, ``init_to_uniform``
+    (uniform in ``(-radius, radius)`` in the unconstrained space, per member key) for
+    improper ``ImproperUniform`` sites (Stan-style flat parameters), which have no
+    samples to take a median of. EnsembleMAP's default init strategy."""
+    if site is None:
+        return partial(init_to_median_or_uniform, num_samples=num_samples, radius=radius)
+    fn = site.get("fn")
+    while isinstance(fn, (dist.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)):
+        fn = fn.base_dist
+    if isinstance(fn, dist.ImproperUniform):
+        return init_to_uniform(site, radius=radius)
+    return init_to_median(site, num_samples=num_samples)
 
 
 class EnsembleMAP(EnsembleSVI):
@@ -80,9 +97,10 @@ class EnsembleMAP(EnsembleSVI):
     :param float prior_weight: :math:`w \ge 0`, the weight on the log prior.
     :param init_loc_fn: per-site init strategy (see :ref:`init_strategy`); it is
         evaluated with each member's own key, so random strategies give distinct
-        members. Defaults to ``init_to_median`` (the median of 15 prior draws, a
-        different point per member), AutoDelta's default; ``init_to_sample``
-        spreads members further.
+        members. Defaults to :func:`init_to_median_or_uniform`: AutoDelta's
+        default ``init_to_median`` (the median of 15 prior draws, a different point
+        per member), and ``init_to_uniform`` for improper ``ImproperUniform``
+        sites, which cannot be sampled; ``init_to_sample`` spreads members further.
     :param static_kwargs: static arguments for the model, as for ``SVI``.
     """
 
@@ -93,7 +111,7 @@ class EnsembleMAP(EnsembleSVI):
         *,
         ensemble_size: int,
         prior_weight: float = 1.0,
-        init_loc_fn=init_to_median,
+        init_loc_fn=init_to_median_or_uniform,
         **static_kwargs,
     ):
         self.prior_weight = check_weight(prior_weight, "prior_weight")

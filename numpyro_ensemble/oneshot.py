@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from jaxtyping import Array, Float, PRNGKeyArray
 from numpyro.infer import Trace_ELBO
-from numpyro.infer.initialization import init_to_median
 import optax
 
 from numpyro_ensemble._checks import check_learning_rate
-from numpyro_ensemble.map import EnsembleMAP
+from numpyro_ensemble.map import EnsembleMAP, init_to_median_or_uniform
 from numpyro_ensemble.svi import EnsembleSVI
 
 __all__ = ["ensemble_map", "ensemble_svi"]
@@ -31,7 +30,7 @@ def ensemble_map(
     optim=None,
     learning_rate: float | None = None,
     prior_weight: float = 1.0,
-    init_loc_fn=init_to_median,
+    init_loc_fn=init_to_median_or_uniform,
     progress_bar: bool = False,
     **kwargs,
 ) -> tuple[dict, Float[Array, "E T"]]:

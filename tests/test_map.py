@@ -136,3 +136,21 @@ class TestErrors:
             EnsembleMAP(normal_model, object(), ensemble_size=2)
         with pytest.raises(ValueError, match="ensemble_size"):
             EnsembleMAP(normal_model, optax.adam(0.1), ensemble_size=0)
+
+
+def test_flat_prior_regression_is_least_squares():
+    from numpyro.distributions import constraints
+
+    def flat(X, y):
+        beta = numpyro.sample("beta", dist.ImproperUniform(constraints.real, (), (X.shape[1],)))
+        numpyro.sample("y", dist.Normal(X @ beta, 0.5), obs=y)
+
+    X = random.normal(random.key(0), (30, 3))
+    y = X @ jnp.array([1.0, -2.0, 0.5]) + 0.5 * random.normal(random.key(1), (30,))
+    lstsq = np.linalg.lstsq(np.asarray(X), np.asarray(y), rcond=None)[0]
+    for prior_weight in (1.0, 0.0):  # MAP under a flat prior, and MLE: both least squares
+        ens = EnsembleMAP(flat, optax.adam(0.05), ensemble_size=3, prior_weight=prior_weight)
+        result = ens.run(random.key(2), 1500, X, y, progress_bar=False)
+        points = ens.get_points(result.params)["beta"]
+        assert len(set(np.asarray(result.losses[:, 0]).round(4).tolist())) == 3  # own starts
+        np.testing.assert_allclose(points, np.broadcast_to(lstsq, (3, 3)), atol=2e-3)
