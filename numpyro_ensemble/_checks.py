@@ -29,10 +29,22 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
-def check_weight(value, name: str):
-    """A tempering weight: a finite number >= 0 (a traced value is passed through)."""
+def check_weight(value, name: str, per_member: bool = False):
+    """A tempering weight: a finite number >= 0 (a traced value is passed through);
+    with ``per_member``, also a 1-D array of them (one per member)."""
     if isinstance(value, jax.core.Tracer):
         return value
+    if per_member and not isinstance(value, (str, bytes)) and np.ndim(value) == 1:
+        try:
+            values = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be finite numbers >= 0, got {value!r}.") from None
+        if values.size == 0 or not np.isfinite(values).all() or (values < 0).any():
+            raise ValueError(
+                f"{name} must be a finite number >= 0 or an (E,) array of them, got "
+                f"{values.tolist()}."
+            )
+        return values.astype(np.float32)
     if isinstance(value, (str, bytes)) or (
         not isinstance(value, numbers.Real) and np.ndim(value) != 0
     ):

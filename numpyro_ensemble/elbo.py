@@ -94,7 +94,8 @@ class TemperedTrace_ELBO(Trace_ELBO):
     :param int num_particles: the number of particles (samples) used to form
         the estimator, as in ``Trace_ELBO``.
     :param float kl_weight: :math:`\beta \ge 0`, the weight on the prior / KL part.
-        Defaults to 1 (the usual ELBO).
+        Defaults to 1 (the usual ELBO). Under an ensemble, an ``(E,)`` array gives
+        member ``e`` the weight ``kl_weight[e]`` (see :mod:`numpyro_ensemble.hyper`).
     :param bool vectorize_particles: as in ``Trace_ELBO``.
     :param bool multi_sample_guide: as in ``Trace_ELBO``.
     :param bool sum_sites: as in ``Trace_ELBO``.
@@ -109,7 +110,7 @@ class TemperedTrace_ELBO(Trace_ELBO):
         multi_sample_guide: bool = False,
         sum_sites: bool = True,
     ):
-        self.kl_weight = check_weight(kl_weight, "kl_weight")
+        self.kl_weight = check_weight(kl_weight, "kl_weight", per_member=True)
         super().__init__(
             num_particles=num_particles,
             vectorize_particles=vectorize_particles,

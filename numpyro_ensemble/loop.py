@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import tqdm
 
-from numpyro_ensemble import batching, stopping
+from numpyro_ensemble import batching, hyper, stopping
 from numpyro_ensemble.members import (
     SplitArgs,
     apply_members,
@@ -60,7 +60,7 @@ def hashable(value):
 def loss_key(loss):
     """Losses of one type with equal settings compile to the same program."""
     try:
-        settings = tuple(sorted(vars(loss).items()))
+        settings = tuple(sorted((k, hyper.program_value(v)) for k, v in vars(loss).items()))
         hash(settings)
     except TypeError:
         return ("id", id(loss))
@@ -111,6 +111,9 @@ class Programs:
             mesh=owner.mesh,
             **self._map_options,
         )
+        state = state._replace(
+            optim_state=hyper.split_optimizer_state(state.optim_state, keys.shape[0])
+        )
         flags = identical_flags(params) if keys.shape[0] > 1 else {}
         if owner.mesh is not None:
             flags = jax.lax.with_sharding_constraint(flags, NamedSharding(owner.mesh, PartitionSpec()))
@@ -127,13 +130,13 @@ class Programs:
         )
 
     def _chunk(
-        self, state, stream, keys, dynamic, stop,
+        self, state, stream, keys, dynamic, stop, hyperparams,
         *, static, axes, plates, length, stable_update, forward_mode, early_stopping,
     ):
         owner = self.owner
         mode = owner.subsample
 
-        def local(state, stream, keys, mapped_dyn, shared_dyn, stop):
+        def local(state, stream, keys, mapped_dyn, shared_dyn, stop, hyperparams):
             num_local = jax.tree.leaves(state)[0].shape[0]
             dynamic = combine(mapped_dyn, shared_dyn, axes)
             nbytes = sum(d.size * d.dtype.itemsize for a, d in zip(axes, dynamic, strict=True) if a is None)
@@ -147,10 +150,10 @@ class Programs:
             member_dyn, member_shared = partition(dynamic, step_axes)
 
             def member(m, shared):
-                member_state, indices, dyn = m
+                member_state, indices, dyn, member_hyperparams = m
                 args, kwargs = merge_args(combine(dyn, shared, step_axes), static)
                 return owner._member_step(
-                    member_state, indices, args, kwargs,
+                    member_state, indices, member_hyperparams, args, kwargs,
                     stable_update=stable_update, forward_mode=forward_mode,
                 )
 
@@ -160,7 +163,8 @@ class Programs:
                 if plates:
                     indices, stream = batching.advance(plates, mode, keys, stream, self._map_options)
                 new_state, losses = map_members(
-                    member, (state, indices, member_dyn), member_shared, **self._map_options
+                    member, (state, indices, member_dyn, hyperparams), member_shared,
+                    **self._map_options,
                 )
                 state, losses, stop = stopping.apply(early_stopping, stop, state, new_state, losses)
                 return (state, stream, stop), losses
@@ -175,9 +179,9 @@ class Programs:
         state, stream, losses, stop = shard_members(
             local,
             owner.mesh,
-            (True, stream_members, True, True, False, True),
+            (True, stream_members, True, True, False, True, True),
             (True, stream_members, True, True),
-        )(state, stream, keys, mapped_dyn, shared_dyn, stop)
+        )(state, stream, keys, mapped_dyn, shared_dyn, stop, hyperparams)
         return state, stream, losses, stop, _summary(losses, stop, owner.mesh)
 
 

@@ -114,7 +114,7 @@ class EnsembleMAP(EnsembleSVI):
         init_loc_fn=init_to_median_or_uniform,
         **static_kwargs,
     ):
-        self.prior_weight = check_weight(prior_weight, "prior_weight")
+        self.prior_weight = check_weight(prior_weight, "prior_weight", per_member=True)
         if not callable(init_loc_fn) or isinstance(init_loc_fn, type):
             raise TypeError(
                 f"init_loc_fn must be an init strategy such as init_to_median or "

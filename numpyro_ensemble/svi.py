@@ -10,7 +10,7 @@ import numpy as np
 from numpyro.handlers import substitute
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
-from numpyro_ensemble import batching, loop, stopping
+from numpyro_ensemble import batching, hyper, loop, stopping
 from numpyro_ensemble._checks import (
     check_init_values,
     check_instance,
@@ -169,6 +169,7 @@ class EnsembleSVI(SVI):
                 f"ensemble_size={self.ensemble_size}."
             )
         self.members_per_chunk = members_per_chunk
+        self._hyperparams = hyper.check(self.loss, optim, self.ensemble_size)
         self._optim_arg = optim
         self._guide_template = guide_template(guide)
         self._warned_identical = False
@@ -214,13 +215,15 @@ class EnsembleSVI(SVI):
             self.mesh,
         )
 
-    def _member(self, guide=None, indices=None) -> SVI:
+    def _member(self, guide=None, indices=None, hyperparams=None) -> SVI:
         """A plain ``SVI`` for one member (sharing model, optimizer, loss); with
-        ``indices``, the subsampled plates take those indices."""
+        ``indices``, the subsampled plates take those indices; with ``hyperparams``,
+        the loss takes the member's own values (see :mod:`numpyro_ensemble.hyper`)."""
         model, guide = self.model, self.guide if guide is None else guide
         if indices:
             model, guide = substitute(model, data=indices), substitute(guide, data=indices)
-        svi = SVI(model, guide, self.optim, self.loss, **self.static_kwargs)
+        loss = hyper.member_loss(self.loss, hyperparams)
+        svi = SVI(model, guide, self.optim, loss, **self.static_kwargs)
         svi.constrain_fn = self.constrain_fn
         return svi
 
@@ -233,9 +236,11 @@ class EnsembleSVI(SVI):
         state = svi.init(key, *args, init_params=init_params, **kwargs)
         return state, svi.get_params(state)
 
-    def _member_step(self, state, indices, args, kwargs, *, stable_update, forward_mode):
+    def _member_step(
+        self, state, indices, hyperparams, args, kwargs, *, stable_update, forward_mode
+    ):
         """One member's ``SVI.update`` (or ``stable_update``) on its mini-batch (traced)."""
-        svi = self._member(indices=indices)
+        svi = self._member(indices=indices, hyperparams=hyperparams)
         method = svi.stable_update if stable_update else svi.update
         return method(state, *args, forward_mode_differentiation=forward_mode, **kwargs)
 
@@ -358,10 +363,15 @@ class EnsembleSVI(SVI):
         """``SVI.<method>`` of every member on its own state (NumPyro draws mini-batches)."""
         self._check_state(svi_state, "svi_state")
         self._check_initialized(method)
-        fn = getattr(self._member(), method)
+
+        def one(member, a, k):
+            state, hyperparams = member
+            fn = getattr(self._member(hyperparams=hyperparams), method)
+            return fn(state, *a, **options, **k)
+
         return apply_members(
-            lambda state, a, k: fn(state, *a, **options, **k),
-            svi_state,
+            one,
+            (svi_state, put(self._hyperparams, self.mesh, True)),
             self._split(args, kwargs),
             mesh=self.mesh,
             members_per_chunk=self.members_per_chunk,
@@ -502,7 +512,7 @@ class EnsembleSVI(SVI):
 
         def run_chunk(state, stream, stop, length):
             return progs.chunk(
-                state, stream, keys, dynamic, stop,
+                state, stream, keys, dynamic, stop, hyperparams,
                 static=split.static, axes=split.axes, plates=plates, length=length,
                 stable_update=bool(stable_update),
                 forward_mode=bool(forward_mode_differentiation),
@@ -510,6 +520,7 @@ class EnsembleSVI(SVI):
             )
 
         stop = put(stopping.init(self.ensemble_size), self.mesh, True)
+        hyperparams = put(self._hyperparams, self.mesh, True)
         svi_state, losses, nonfinite, stop = loop.drive(
             run_chunk, svi_state, stream, stop, num_steps, progress_bar,
             chunked=early_stopping is not None,
