@@ -2,6 +2,7 @@
 
 from numpyro_ensemble.arviz_export import to_arviz
 from numpyro_ensemble.cache import enable_compilation_cache
+from numpyro_ensemble.checkpoint import load_checkpoint, save_checkpoint
 from numpyro_ensemble.diagnostics import EnsembleSummary, ensemble_summary
 from numpyro_ensemble.elbo import TemperedTrace_ELBO
 from numpyro_ensemble.importance import importance_weights
@@ -33,9 +34,11 @@ __all__ = [
     "ensemble_predictive",
     "ensemble_svi",
     "importance_weights",
+    "load_checkpoint",
     "mcmc_init_params",
     "per_member",
     "sample_posterior",
+    "save_checkpoint",
     "select_members",
     "stacking_weights",
     "take_member",

@@ -164,3 +164,18 @@ def check_state_params(state_params, constrain_fn) -> None:
             f"have {sorted(transforms)}: pass a state made by an ensemble of the same "
             f"model and guide."
         )
+
+
+def check_state(svi_state, name: str, ensemble_size: int, owner: str) -> None:
+    """An ensemble state of this size (``init_state``, ``svi_state``)."""
+    from numpyro.infer.svi import SVIState
+
+    if not isinstance(svi_state, SVIState):
+        raise TypeError(f"{name} must be an SVIState, got {type(svi_state).__name__}.")
+    sizes = leading_sizes(svi_state)
+    if sizes != {ensemble_size}:
+        found = sorted(sizes, key=lambda s: -1 if s is None else s)
+        raise ValueError(
+            f"{name} has leading axis sizes {found}, but this {owner} has "
+            f"ensemble_size={ensemble_size}: pass a state made by an ensemble of the same size."
+        )

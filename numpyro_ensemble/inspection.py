@@ -37,6 +37,10 @@ class ModelInfo(NamedTuple):
     """Observed sample sites, ``numpyro.factor`` sites included."""
     plates: tuple[Plate, ...]
     """Plates with ``subsample_size < size``, by name."""
+    error: Exception | None = None
+    """Why the model could not be traced on its own (e.g. it reads a ``numpyro.param``
+    that only the guide initialises, which plain ``SVI`` allows); then nothing else
+    is known and mini-batches are left to NumPyro."""
 
 
 def _member_avals(split: SplitArgs):
@@ -106,8 +110,11 @@ def inspect_model(model, split: SplitArgs, static_kwargs: dict) -> ModelInfo:
             tuple(latent), tuple(discrete), tuple(observed), subsampled_plates(model_trace)
         )
 
-    jax.eval_shape(trace_model, _member_avals(split))
-    info = found["info"]
+    try:
+        jax.eval_shape(trace_model, _member_avals(split))
+        info = found["info"]
+    except Exception as err:  # the guide's params are needed (SVI.init will tell)
+        info = ModelInfo((), (), (), (), error=err)
     if key is not None:
         _cache[key] = info
         if len(_cache) > _CACHE_SIZE:

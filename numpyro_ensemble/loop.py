@@ -22,6 +22,7 @@ import numpy as np
 import tqdm
 
 from numpyro_ensemble import batching, hyper, stopping
+from numpyro_ensemble._checks import warn
 from numpyro_ensemble.members import (
     SplitArgs,
     apply_members,
@@ -32,7 +33,7 @@ from numpyro_ensemble.members import (
     partition,
     split_args,
 )
-from numpyro_ensemble.sharding import shard_members
+from numpyro_ensemble.sharding import put, shard_members
 
 __all__ = []
 
@@ -217,21 +218,32 @@ def chunk_lengths(num_steps: int, progress_bar: bool) -> list[int]:
     return [length] * full + ([tail] if tail else [])
 
 
-def drive(run_chunk, state, stream, stop, num_steps: int, progress_bar: bool, chunked: bool):
+def drive(
+    run_chunk, state, stream, stop, num_steps: int, progress_bar: bool, chunked: bool,
+    every: int | None = None, on_chunk=None,
+):
     """Run ``num_steps`` steps as scanned chunks, advancing a tqdm bar between them.
 
     ``run_chunk(state, stream, stop, length) -> (state, stream, losses, stop, summary)``.
     The host reads chunk ``k``'s summary while chunk ``k + 1`` runs on the device; once
     every member has stopped (early stopping) no further chunk is started, and the
     losses of the steps not run repeat each member's last loss. ``chunked`` cuts the
-    run into chunks even without a progress bar (for early stopping).
+    run into chunks even without a progress bar (for early stopping); ``every`` makes
+    chunks of that length (checkpoints), after each of which ``on_chunk(state)`` runs.
     Returns ``(state, losses (E, num_steps), nonfinite (E,) bool, stop)``.
     """
     losses, nonfinite, done = [], None, 0
     with tqdm.tqdm(total=num_steps, disable=not progress_bar) as bar:
         pending = None
-        for length in chunk_lengths(num_steps, progress_bar or chunked):
+        lengths = (
+            chunk_lengths(num_steps, progress_bar or chunked)
+            if every is None
+            else [every] * (num_steps // every) + ([num_steps % every] if num_steps % every else [])
+        )
+        for length in lengths:
             state, stream, chunk_losses, stop, summary = run_chunk(state, stream, stop, length)
+            if on_chunk is not None:
+                on_chunk(state)
             losses.append(chunk_losses)
             done += length
             if pending is not None:
@@ -247,6 +259,62 @@ def drive(run_chunk, state, stream, stop, num_steps: int, progress_bar: bool, ch
             [losses, jnp.broadcast_to(losses[:, -1:], (losses.shape[0], num_steps - done))], axis=1
         )
     return state, losses, nonfinite, stop
+
+
+@jax.jit
+def _max_step(steps):
+    """The members' largest step count, replicated (readable on every host)."""
+    return jnp.max(steps)
+
+
+def run_steps(
+    ensemble, progs, rng_key, svi_state, split, num_steps, *,
+    progress_bar, stable_update, forward_mode, early_stopping, on_chunk, every,
+):
+    """``num_steps`` scanned steps of every member from ``svi_state`` (the body of
+    ``EnsembleSVI.run``): mini-batch streams, chunks, early stopping, checkpoints and
+    the warning about members with non-finite losses.
+    Returns ``(state, losses (E, num_steps), stop)``."""
+    if getattr(ensemble.loss, "num_particles", 1) > 1 and svi_state.mutable_state is not None:
+        # NumPyro ignores mutable state with several particles (and warns when the loss
+        # is traced): its update returns None, which the scan's carry must match.
+        svi_state = svi_state._replace(mutable_state=None)
+    plates = ensemble._plates(split)
+    keys, stream = None, batching.position_at((), ensemble.subsample, 0)
+    if plates:
+        keys = put(batching.stream_keys(ensemble.member_keys(rng_key)), ensemble.mesh, True)
+        t0 = int(_max_step(svi_state.optim_state[0]))
+        stream = batching.position_at(plates, ensemble.subsample, t0)
+    dynamic = ensemble._put_args(split)
+    hyperparams = put(ensemble._hyperparams, ensemble.mesh, True)
+
+    def run_chunk(state, stream, stop, length):
+        return progs.chunk(
+            state, stream, keys, dynamic, stop, hyperparams,
+            static=split.static, axes=split.axes, plates=plates, length=length,
+            stable_update=stable_update, forward_mode=forward_mode,
+            early_stopping=early_stopping,
+        )
+
+    stop = put(stopping.init(ensemble.ensemble_size), ensemble.mesh, True)
+    state, losses, nonfinite, stop = drive(
+        run_chunk, svi_state, stream, stop, num_steps, progress_bar,
+        chunked=early_stopping is not None, every=every, on_chunk=on_chunk,
+    )
+    bad = np.flatnonzero(nonfinite)
+    if bad.size:
+        kept = (
+            "they kept their last finite state at those steps"
+            if stable_update
+            else "pass stable_update=True to keep their last finite state"
+        )
+        warn(
+            f"{type(ensemble).__name__}.run: members {bad.tolist()} of "
+            f"{ensemble.ensemble_size} had non-finite losses; {kept}. The other "
+            f"members are unaffected.",
+            RuntimeWarning,
+        )
+    return state, losses, stop
 
 
 def _report(bar, length, summary, nonfinite):

@@ -131,6 +131,8 @@ class EnsembleMAP(EnsembleSVI):
         )
 
     def _validate_model(self, info: ModelInfo):
+        if info.error is not None:
+            raise info.error
         if not info.latent:
             raise ValueError(
                 "EnsembleMAP: the model has no latent sample sites (every sample "

@@ -15,6 +15,7 @@ its own. This module also owns what is per member and what is shared:
 from __future__ import annotations
 
 from collections.abc import Callable
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -142,7 +143,19 @@ class SplitArgs(NamedTuple):
 def split_args(args: tuple, kwargs: dict) -> SplitArgs:
     """Split the model's arguments: arrays (and :func:`per_member` data) are traced,
     Python values (sizes, flags, callables) stay static, as they would be closed
-    over by ``SVI.run``."""
+    over by ``SVI.run``. Data given as a Python list of numbers is an error: JAX
+    would compile every number into the program as a constant."""
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    for name, value in named:
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
+        ):
+            raise TypeError(
+                f"{name} is a Python list of numbers; pass data as an array, e.g. "
+                f"jnp.asarray(...) (a static setting such as layer sizes can be a tuple)."
+            )
     leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_per_member)
     dynamic, axes, entries = [], [], []
     for leaf in leaves:
@@ -218,9 +231,19 @@ def map_members(
     (``lax.map(..., batch_size=k)``), which bounds the memory of one step.
     """
     member_fn = lambda m: fn(m, shared)  # noqa: E731
-    if members_per_chunk is None:
-        return jax.vmap(member_fn)(mapped)
-    return lax.map(member_fn, mapped, batch_size=members_per_chunk)
+    try:
+        if members_per_chunk is None:
+            return jax.vmap(member_fn)(mapped)
+        return lax.map(member_fn, mapped, batch_size=members_per_chunk)
+    except NotImplementedError as err:
+        if "pure_callback" in str(err) and "vmap_method" in str(err):
+            raise NotImplementedError(
+                "A host callback (jax.pure_callback) in the model, guide or optimizer has "
+                "no vmap_method, so JAX cannot map it over the ensemble's members: pass "
+                "vmap_method='sequential' to jax.pure_callback (one host call per member), "
+                "or 'expand_dims' / 'broadcast_all' if the callback handles a leading batch axis."
+            ) from err
+        raise
 
 
 def apply_members(
@@ -273,7 +296,9 @@ def stack_init_params(init_params: dict, reference: dict, ensemble_size: int) ->
     A site's value may be a pytree (e.g. the params of a ``flax_module``); it must
     have the structure of the site's value in ``reference`` and, on every leaf,
     either the reference leaf's shape (shared by all members) or a leading
-    ``(E,)`` axis on top of it (one value per member).
+    ``(E,)`` axis on top of it (one value per member). A param that has no init
+    value of its own (``numpyro.param("b")``, as plain ``SVI`` allows) takes the
+    given value, shared.
     """
     if not isinstance(init_params, dict):
         raise TypeError(
@@ -289,6 +314,12 @@ def stack_init_params(init_params: dict, reference: dict, ensemble_size: int) ->
     E = ensemble_size
     stacked, shared = {}, []
     for name, value in init_params.items():
+        if reference[name] is None:  # a param with no init value of its own: shared
+            shared.append(name)
+            stacked[name] = jax.tree.map(
+                lambda leaf: jnp.broadcast_to(jnp.asarray(leaf), (E, *jnp.shape(leaf))), value
+            )
+            continue
         ref_leaves, ref_def = jax.tree.flatten(reference[name])
         leaves, treedef = jax.tree.flatten(value)
         if treedef != ref_def:

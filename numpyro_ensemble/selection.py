@@ -21,8 +21,10 @@ from numpyro_ensemble._checks import leading_sizes
 __all__ = ["concat_members", "select_members", "take_member"]
 
 
-def _size(tree, name: str) -> int:
+def _size(tree, name: str) -> int | None:
     sizes = leading_sizes(tree)
+    if not sizes:  # no array leaves (e.g. the params of a model without params)
+        return None
     if len(sizes) != 1 or None in sizes:
         raise ValueError(
             f"{name} must have the same leading (member) axis on every array leaf, got "
@@ -42,6 +44,8 @@ def take_member(tree, e: int):
     :param int e: the member, ``0 <= e < E`` (negative counts from the end).
     """
     E = _size(tree, "tree")
+    if E is None:
+        return tree
     if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not -E <= e < E:
         raise IndexError(f"member index e must be an int in [-{E}, {E}), got {e!r}.")
     return jax.tree.map(lambda leaf: leaf[e], tree)

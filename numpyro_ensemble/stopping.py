@@ -52,6 +52,15 @@ class EarlyStopping(NamedTuple):
         return EarlyStopping(int(self.patience), float(self.min_delta), float(self.smoothing))
 
 
+def check_rule(rule) -> EarlyStopping | None:
+    """``run``'s ``early_stopping``: None or a checked :class:`EarlyStopping`."""
+    if rule is None:
+        return None
+    if not isinstance(rule, EarlyStopping):
+        raise TypeError(f"early_stopping must be an EarlyStopping(patience=...), got {type(rule).__name__}.")
+    return rule.check()
+
+
 class StopState(NamedTuple):
     """Per-member arrays, each ``(E,)``, carried through the scan."""
 

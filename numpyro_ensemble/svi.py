@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 from jax import random
-import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
-import numpy as np
+from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import substitute
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
@@ -15,11 +16,11 @@ from numpyro_ensemble._checks import (
     check_init_values,
     check_instance,
     check_positive_int,
+    check_state,
     check_state_params,
     check_support,
-    leading_sizes,
-    warn,
 )
+from numpyro_ensemble.checkpoint import check_checkpointing, save_checkpoint
 from numpyro_ensemble.guides import guide_template, member_guide
 from numpyro_ensemble.inspection import ModelInfo, inspect_model
 from numpyro_ensemble.members import (
@@ -40,12 +41,6 @@ __all__ = ["EnsembleSVI"]
 
 # Folded into a member's key to give the key of a per-member ``init_params`` function.
 _INIT_FN_TAG = 0x696E6974
-
-
-@jax.jit
-def _max_step(steps):
-    """The members' largest step count, replicated (readable on every host)."""
-    return jnp.max(steps)
 
 
 class EnsembleSVI(SVI):
@@ -259,16 +254,7 @@ class EnsembleSVI(SVI):
         """Hook for subclasses: check the model before anything is compiled."""
 
     def _check_state(self, svi_state, name):
-        if not isinstance(svi_state, SVIState):
-            raise TypeError(f"{name} must be an SVIState, got {type(svi_state).__name__}.")
-        sizes = leading_sizes(svi_state)
-        if sizes != {self.ensemble_size}:
-            found = sorted(sizes, key=lambda s: -1 if s is None else s)
-            raise ValueError(
-                f"{name} has leading axis sizes {found}, but this {type(self).__name__} "
-                f"has ensemble_size={self.ensemble_size}: pass a state made by an "
-                f"ensemble of the same size."
-            )
+        check_state(svi_state, name, self.ensemble_size, type(self).__name__)
 
     def _check_initialized(self, method):
         if self.constrain_fn is None:
@@ -287,7 +273,10 @@ class EnsembleSVI(SVI):
         if self.constrain_fn is not None and not need_reference:
             return None
         args, kwargs = member_args(args, kwargs, 0)
-        reference = SVI.init(self, rng_key, *args, **kwargs)
+        # Concretely but without NumPyro's argument validation: the reference member's
+        # draws must not fail where the traced members (never validated) do not.
+        with validation_enabled(False):
+            reference = SVI.init(self, rng_key, *args, **kwargs)
         if progs.constrain_fn is None:
             progs.constrain_fn = self.constrain_fn
         return self.constrain_fn(self.optim.get_params(reference.optim_state))
@@ -450,6 +439,8 @@ class EnsembleSVI(SVI):
         init_state: SVIState | None = None,
         init_params: dict | None = None,
         early_stopping: EarlyStopping | None = None,
+        checkpoint_path=None,
+        checkpoint_every: int | None = None,
         **kwargs,
     ) -> SVIRunResult:
         """
@@ -476,19 +467,20 @@ class EnsembleSVI(SVI):
             member whose smoothed loss stops improving stops updating (keeping the
             state of a run of that many steps) while the others go on; the run ends
             early once all have stopped. See :meth:`get_extra_fields`.
+        :param checkpoint_path: if given, the state is saved there
+            (:func:`~numpyro_ensemble.save_checkpoint`, atomically) every
+            ``checkpoint_every`` steps, between scanned chunks, and at the end; a
+            killed run resumes with ``run(rng_key, remaining_steps, ...,
+            init_state=load_checkpoint(path))`` and continues exactly.
+        :param int checkpoint_every: steps between checkpoints (default: only at the end).
         :param kwargs: keyword arguments to the model / guide.
         :return: :data:`~numpyro.infer.svi.SVIRunResult` ``(params, state, losses)``
             with a leading ``(E,)`` axis on every params leaf and
             ``losses.shape == (E, num_steps)``.
         """
         num_steps = check_positive_int(num_steps, "num_steps")
-        if early_stopping is not None:
-            if not isinstance(early_stopping, EarlyStopping):
-                raise TypeError(
-                    f"early_stopping must be an EarlyStopping(patience=...), got "
-                    f"{type(early_stopping).__name__}."
-                )
-            early_stopping = early_stopping.check()
+        early_stopping = stopping.check_rule(early_stopping)
+        checkpoint_every = check_checkpointing(checkpoint_path, checkpoint_every, num_steps)
         split = self._split(args, kwargs)
         self._inspect(split)
         progs = loop.programs(self)
@@ -500,43 +492,14 @@ class EnsembleSVI(SVI):
             self._set_up(rng_key, args, kwargs, progs, need_reference=False)
             check_state_params(self.optim.get_params(init_state.optim_state), self.constrain_fn)
             svi_state = put(init_state, self.mesh, True)
-
-        plates = self._plates(split)
-        keys, position = None, batching.position_at((), self.subsample, 0)
-        if plates:
-            keys = put(batching.stream_keys(self.member_keys(rng_key)), self.mesh, True)
-            t0 = int(_max_step(svi_state.optim_state[0]))
-            position = batching.position_at(plates, self.subsample, t0)
-        stream = position
-        dynamic = self._put_args(split)
-
-        def run_chunk(state, stream, stop, length):
-            return progs.chunk(
-                state, stream, keys, dynamic, stop, hyperparams,
-                static=split.static, axes=split.axes, plates=plates, length=length,
-                stable_update=bool(stable_update),
-                forward_mode=bool(forward_mode_differentiation),
-                early_stopping=early_stopping,
-            )
-
-        stop = put(stopping.init(self.ensemble_size), self.mesh, True)
-        hyperparams = put(self._hyperparams, self.mesh, True)
-        svi_state, losses, nonfinite, stop = loop.drive(
-            run_chunk, svi_state, stream, stop, num_steps, progress_bar,
-            chunked=early_stopping is not None,
+        svi_state, losses, stop = loop.run_steps(
+            self, progs, rng_key, svi_state, split, num_steps,
+            progress_bar=progress_bar,
+            stable_update=bool(stable_update),
+            forward_mode=bool(forward_mode_differentiation),
+            early_stopping=early_stopping,
+            on_chunk=None if checkpoint_path is None else partial(save_checkpoint, checkpoint_path),
+            every=checkpoint_every,
         )
         self._extra_fields = extra_fields(losses, stop, num_steps)
-        bad = np.flatnonzero(nonfinite)
-        if bad.size:
-            kept = (
-                "they kept their last finite state at those steps"
-                if stable_update
-                else "pass stable_update=True to keep their last finite state"
-            )
-            warn(
-                f"{type(self).__name__}.run: members {bad.tolist()} of "
-                f"{self.ensemble_size} had non-finite losses; {kept}. The other "
-                f"members are unaffected.",
-                RuntimeWarning,
-            )
         return SVIRunResult(progs.get_params(svi_state), svi_state, losses)

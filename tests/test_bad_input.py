@@ -100,3 +100,29 @@ def test_init_state_from_another_model():
     delta = make(guide=AutoDelta(model))
     with pytest.raises(ValueError, match="same model and guide"):
         delta.run(random.key(0), 5, Y, progress_bar=False, init_state=svi.init(random.key(0), Y))
+
+
+def test_host_callback_without_vmap_method():
+    import jax
+    import numpy as np
+
+    def host_shift(x):
+        return jax.pure_callback(lambda v: np.asarray(v) + 1.0,
+                                 jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    def with_callback(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.deterministic("h", host_shift(jax.lax.stop_gradient(mu)))
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    ens = EnsembleMAP(with_callback, optax.adam(0.05), ensemble_size=2)
+    with pytest.raises(NotImplementedError, match="pass vmap_method='sequential' to jax.pure_callback"):
+        ens.run(random.key(0), 5, Y, progress_bar=False)
+
+
+def test_data_as_python_lists():
+    svi = make()
+    with pytest.raises(TypeError, match="argument 0 is a Python list of numbers; pass data as an array"):
+        svi.run(random.key(0), 5, [0.5, 1.0, 1.5], progress_bar=False)
+    with pytest.raises(TypeError, match="y is a Python list of numbers"):
+        svi.init(random.key(0), y=[0.5, 1.0])
