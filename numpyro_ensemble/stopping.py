@@ -21,6 +21,7 @@ non-finite loss never counts as an improvement.
 
 from __future__ import annotations
 
+from functools import partial
 import numbers
 from typing import NamedTuple
 
@@ -117,10 +118,10 @@ def apply(rule: EarlyStopping | None, stop: StopState, old_state, new_state, los
     return state, losses, new
 
 
+@partial(jax.jit, static_argnames="num_steps")
 def extra_fields(losses, stop: StopState, num_steps: int) -> dict:
-    """``stopped_at``, ``diverged`` and ``final_loss`` per member after a run."""
-    stop = jax.device_get(stop)
-    losses = jnp.asarray(losses)
+    """``stopped_at``, ``diverged`` and ``final_loss`` per member after a run (device
+    arrays, sharded like the members: nothing is fetched, so it works on several hosts)."""
     return {
         "stopped_at": jnp.where(stop.stopped, stop.taken, num_steps),
         "diverged": jnp.any(~jnp.isfinite(losses), axis=1),
