@@ -8,11 +8,12 @@ from numpyro_ensemble.elbo import TemperedTrace_ELBO
 from numpyro_ensemble.importance import importance_weights
 from numpyro_ensemble.map import EnsembleMAP
 from numpyro_ensemble.mcmc import mcmc_init_params
-from numpyro_ensemble.members import IdenticalMembersWarning, per_member
+from numpyro_ensemble.members import per_member
 from numpyro_ensemble.oneshot import ensemble_map, ensemble_svi
 from numpyro_ensemble.posterior import ensemble_predict, ensemble_predictive, sample_posterior
 from numpyro_ensemble.selection import concat_members, select_members, take_member
 from numpyro_ensemble.stacking import stacking_weights
+from numpyro_ensemble.starts import IdenticalMembersWarning
 from numpyro_ensemble.stopping import EarlyStopping
 from numpyro_ensemble.svi import EnsembleSVI
 from numpyro_ensemble.weights import ImportanceWeights, StackingWeights

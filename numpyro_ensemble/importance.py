@@ -41,6 +41,19 @@ def full_data(model, plates):
     return substitute(model, data={p.name: jnp.arange(p.size) for p in plates})
 
 
+def checked_inputs(ensemble, params, args, kwargs, num_samples, name, per_member_why):
+    """The checks shared by the weighting functions: ``num_samples``, the params of
+    this ensemble, one data set for all members. Returns ``(num_samples, safe
+    params, the guide's sites)``: params with non-finite members blanked
+    (:func:`~numpyro_ensemble.health.usable_params`) and the sites found on them."""
+    num_samples = check_positive_int(num_samples, "num_samples")
+    _check_params(ensemble, params)
+    if has_per_member((args, kwargs)):
+        raise ValueError(f"{name}: the data differ between members (per_member), {per_member_why}")
+    safe, _ = usable_params(params, name, quiet=True)
+    return num_samples, safe, guide_sites(ensemble, safe, *args, **kwargs)
+
+
 def importance_weights(
     ensemble,
     rng_key: PRNGKeyArray,
@@ -71,15 +84,10 @@ def importance_weights(
     :param kwargs: the model's keyword arguments.
     :return: :class:`~numpyro_ensemble.ImportanceWeights`.
     """
-    num_samples = check_positive_int(num_samples, "num_samples")
-    _check_params(ensemble, params)
-    if has_per_member((args, kwargs)):
-        raise ValueError(
-            "importance_weights: the data differ between members (per_member), so the "
-            "members fit different posteriors; weight the members of one data set."
-        )
-    safe, finite = usable_params(params, "importance_weights", quiet=True)
-    sites = guide_sites(ensemble, safe, *args, **kwargs)
+    num_samples, safe, sites = checked_inputs(
+        ensemble, params, args, kwargs, num_samples, "importance_weights",
+        "so the members fit different posteriors; weight the members of one data set.",
+    )
     if all(site.point for site in sites):
         raise ValueError(
             f"importance_weights: the guide of this {type(ensemble).__name__} is a point "

@@ -27,13 +27,13 @@ from numpyro_ensemble.members import (
     SplitArgs,
     apply_members,
     combine,
-    identical_flags,
     map_members,
     merge_args,
     partition,
     split_args,
 )
-from numpyro_ensemble.sharding import put, shard_members
+from numpyro_ensemble.sharding import put, put_args, shard_members
+from numpyro_ensemble.starts import identical_flags
 
 __all__ = []
 
@@ -103,7 +103,7 @@ class Programs:
 
     def _init(self, keys, init_params, dynamic, *, static, axes):
         """The members' initial states and, to tell whether members start identical,
-        the :func:`~numpyro_ensemble.members.identical_flags` of their params."""
+        the :func:`~numpyro_ensemble.starts.identical_flags` of their params."""
         owner = self.owner
         state, params = apply_members(
             lambda m, args, kwargs: owner._init_member(*m, args, kwargs),
@@ -267,6 +267,13 @@ def _max_step(steps):
     return jnp.max(steps)
 
 
+def run_plates(ensemble, split: SplitArgs) -> tuple:
+    """The subsampled plates whose indices ``run`` draws (none with ``subsample="numpyro"``)."""
+    if ensemble.subsample == "numpyro":
+        return ()
+    return ensemble._inspect(split).plates
+
+
 def run_steps(
     ensemble, progs, rng_key, svi_state, split, num_steps, *,
     progress_bar, stable_update, forward_mode, early_stopping, on_chunk, every,
@@ -279,13 +286,13 @@ def run_steps(
         # NumPyro ignores mutable state with several particles (and warns when the loss
         # is traced): its update returns None, which the scan's carry must match.
         svi_state = svi_state._replace(mutable_state=None)
-    plates = ensemble._plates(split)
+    plates = run_plates(ensemble, split)
     keys, stream = None, batching.position_at((), ensemble.subsample, 0)
     if plates:
         keys = put(batching.stream_keys(ensemble.member_keys(rng_key)), ensemble.mesh, True)
         t0 = int(_max_step(svi_state.optim_state[0]))
         stream = batching.position_at(plates, ensemble.subsample, t0)
-    dynamic = ensemble._put_args(split)
+    dynamic = put_args(split.dynamic, split.axes, ensemble.mesh)
     hyperparams = put(ensemble._hyperparams, ensemble.mesh, True)
 
     def run_chunk(state, stream, stop, length):

@@ -7,9 +7,9 @@ its own. This module also owns what is per member and what is shared:
 - the model's arguments: arrays are traced and shared by all members, Python
   values are static, and data wrapped in :func:`per_member` carries a leading
   ``(E,)`` axis that is split between the members;
-- ``init_params``: shared values, values with a leading ``(E,)`` axis, or a
-  function of a key evaluated once per member;
-- the check that members do not all start from the same point.
+
+Where members start (``init_params``, the identical-start check) is
+:mod:`numpyro_ensemble.starts`.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from typing import Any, NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
-from jaxtyping import PRNGKeyArray, PyTree
+from jaxtyping import PyTree
 import numpy as np
 
-from numpyro_ensemble._checks import warn
 from numpyro_ensemble.sharding import shard_members
 
-__all__ = ["IdenticalMembersWarning", "PerMember", "per_member"]
+__all__ = ["PerMember", "per_member"]
 
 
 # -- per-member data ---------------------------------------------------------------
@@ -283,136 +282,6 @@ def combine(mapped, shared, axes) -> list:
     """Inverse of :func:`partition`."""
     mapped, shared = iter(mapped), iter(shared)
     return [next(mapped) if a == 0 else next(shared) for a in axes]
-
-
-# -- init_params ---------------------------------------------------------------------------
-
-
-def stack_init_params(init_params: dict, reference: dict, ensemble_size: int) -> tuple[dict, list]:
-    """
-    ``init_params`` with a leading ``(E,)`` axis on every leaf, and the names of the
-    sites given as one value shared by all members.
-
-    A site's value may be a pytree (e.g. the params of a ``flax_module``); it must
-    have the structure of the site's value in ``reference`` and, on every leaf,
-    either the reference leaf's shape (shared by all members) or a leading
-    ``(E,)`` axis on top of it (one value per member). A param that has no init
-    value of its own (``numpyro.param("b")``, as plain ``SVI`` allows) takes the
-    given value, shared.
-    """
-    if not isinstance(init_params, dict):
-        raise TypeError(
-            f"init_params must be a dict of param site values (or a function of a key "
-            f"returning one), got {type(init_params).__name__}."
-        )
-    unknown = sorted(set(init_params) - set(reference))
-    if unknown:
-        raise ValueError(
-            f"init_params has unknown names {unknown}; the param sites of this model "
-            f"and guide are {sorted(reference)}."
-        )
-    E = ensemble_size
-    stacked, shared = {}, []
-    for name, value in init_params.items():
-        if reference[name] is None:  # a param with no init value of its own: shared
-            shared.append(name)
-            stacked[name] = jax.tree.map(
-                lambda leaf: jnp.broadcast_to(jnp.asarray(leaf), (E, *jnp.shape(leaf))), value
-            )
-            continue
-        ref_leaves, ref_def = jax.tree.flatten(reference[name])
-        leaves, treedef = jax.tree.flatten(value)
-        if treedef != ref_def:
-            raise ValueError(
-                f"init_params[{name!r}] has the structure {treedef}; the param site "
-                f"{name!r} has the structure {ref_def}."
-            )
-        leaves = [jnp.asarray(leaf) for leaf in leaves]
-        shapes = [leaf.shape for leaf in leaves]
-        ref_shapes = [tuple(np.shape(leaf)) for leaf in ref_leaves]
-        if shapes == ref_shapes:  # shared by every member
-            shared.append(name)
-            leaves = [jnp.broadcast_to(v, (E, *s)) for v, s in zip(leaves, shapes, strict=True)]
-        elif shapes != [(E, *s) for s in ref_shapes]:
-            if len(ref_shapes) == 1:
-                expected = f"{ref_shapes[0]} (shared by all members) or {(E, *ref_shapes[0])}"
-            else:
-                expected = "the site's leaf shapes (shared) or all of them with a leading (E,) axis"
-            raise ValueError(
-                f"init_params[{name!r}] has shape{'s' if len(shapes) > 1 else ''} "
-                f"{shapes if len(shapes) > 1 else shapes[0]}; expected {expected} "
-                f"(one value per member, ensemble_size={E})."
-            )
-        stacked[name] = jax.tree.unflatten(ref_def, leaves)
-    return stacked, shared
-
-
-def init_params_from_fn(init_fn: Callable[[PRNGKeyArray], dict], keys: PRNGKeyArray, **map_options):
-    """Evaluate a per-member init function ``init_fn(rng_key) -> {site: value}``
-    once per member (mapped over the members' keys)."""
-    values = jax.jit(lambda ks: map_members(lambda k, _: init_fn(k), ks, **map_options))(keys)
-    if not isinstance(values, dict):
-        raise TypeError(
-            f"an init_params function must return a dict of param site values, got "
-            f"{type(values).__name__}."
-        )
-    return values
-
-
-# -- members that start identical ----------------------------------------------------------
-
-
-class IdenticalMembersWarning(UserWarning):
-    """Members of an ensemble start from the same point: the ensemble then spends ``E``
-    times the compute on (nearly) one fit. Filter it with ``warnings.filterwarnings``
-    if that is what you want."""
-
-
-def identical_flags(params: dict) -> dict:
-    """Per site: (identical in all members, constant within each member); traceable."""
-
-    def flags(leaves):
-        same = jnp.all(jnp.stack([jnp.all(leaf == leaf[:1]) for leaf in leaves]))
-        flat = [leaf.reshape(leaf.shape[0], -1) for leaf in leaves]
-        constant = jnp.all(jnp.stack([jnp.all(f == f[:, :1]) for f in flat if f.shape[1]] or [True]))
-        return same, constant
-
-    return {name: flags(jax.tree.leaves(value)) for name, value in params.items() if jax.tree.leaves(value)}
-
-
-def identical_sites(flags: dict, explicit_shared=()) -> list[str]:
-    """
-    The param sites whose start makes members (nearly) copies of each other, from the
-    :func:`identical_flags` of the members' initial params.
-
-    All sites are returned when every member starts from the same point. Otherwise
-    a site is returned when it is identical in all members but varies within a
-    member (a random-looking init shared by all members, e.g. the weights of an
-    eagerly built ``nnx``/``equinox`` network); sites that are constant within a
-    member (scales, zero biases) and sites given as shared ``init_params`` are left out.
-    """
-    flags = jax.device_get(flags)
-    same = {name for name, (s, _) in flags.items() if s}
-    if same and same == set(flags):
-        return sorted(same)
-    return sorted(
-        name for name in same if not flags[name][1] and name not in set(explicit_shared)
-    )
-
-
-def warn_identical(names: list[str], ensemble_size: int, cls_name: str) -> None:
-    warn(
-        f"{cls_name}: the param sites {names} start identical in all {ensemble_size} "
-        f"members, so the members may stay (nearly) copies of one fit. Give each member "
-        f"its own start: pass init_params as a function rng_key -> {{site: value}} (it is "
-        f"evaluated once per member, e.g. building an nnx/equinox network from the key) "
-        f"or as values with a leading (E,) axis; use a key-dependent init "
-        f"(numpyro.param(name, lambda key: ...), init_to_sample / init_to_median instead "
-        f"of init_to_value); or flax_module / haiku_module, whose init draws from "
-        f"NumPyro's key. With random_*_module priors under EnsembleMAP members start "
-        f"from their own prior draws.",
-        IdenticalMembersWarning,
-    )
 
 
 def is_per_member_tree(tree: PyTree, ensemble_size: int) -> bool:

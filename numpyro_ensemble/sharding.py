@@ -17,6 +17,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from numpyro_ensemble._checks import check_positive_int
+
 __all__ = ["member_mesh"]
 
 MEMBER_AXIS = "members"
@@ -46,8 +48,18 @@ def member_mesh(devices: Sequence[jax.Device] | Mesh | None) -> Mesh | None:
     return Mesh(np.array(devices), (MEMBER_AXIS,))
 
 
-def check_divides(mesh: Mesh, ensemble_size: int, members_per_chunk: int | None) -> None:
-    """E must split evenly over the devices (and each device's block into chunks)."""
+def check_layout(mesh: Mesh | None, ensemble_size: int, members_per_chunk) -> int | None:
+    """``members_per_chunk`` checked: E must split evenly over the devices (if any) and
+    each device's block into chunks of ``members_per_chunk``."""
+    if members_per_chunk is not None:
+        members_per_chunk = check_positive_int(members_per_chunk, "members_per_chunk")
+    if mesh is None:
+        if members_per_chunk is not None and ensemble_size % members_per_chunk:
+            raise ValueError(
+                f"members_per_chunk={members_per_chunk} does not divide "
+                f"ensemble_size={ensemble_size}."
+            )
+        return members_per_chunk
     num_devices = mesh.devices.size
     if ensemble_size % num_devices:
         raise ValueError(
@@ -61,6 +73,7 @@ def check_divides(mesh: Mesh, ensemble_size: int, members_per_chunk: int | None)
             f"members_per_chunk={members_per_chunk} does not divide the {local} members "
             f"that each of the {num_devices} devices holds (ensemble_size={ensemble_size})."
         )
+    return members_per_chunk
 
 
 def member_spec(mesh: Mesh) -> PartitionSpec:
@@ -85,6 +98,12 @@ def shard_members(fn: Callable, mesh: Mesh | None, in_members, out_members) -> C
         out_specs=jax.tree.map(to_spec, out_members),
         check_vma=False,
     )
+
+
+def put_args(dynamic, axes, mesh: Mesh | None) -> tuple:
+    """The model's traced arguments placed on the mesh: per-member ones (axis 0)
+    split along the member axis, shared ones replicated."""
+    return tuple(put(leaf, mesh, axis == 0) for leaf, axis in zip(dynamic, axes, strict=True))
 
 
 def put(tree, mesh: Mesh | None, members: bool):

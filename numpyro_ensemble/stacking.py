@@ -25,11 +25,8 @@ from numpyro.infer import log_likelihood
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from numpyro_ensemble._checks import check_positive_int
-from numpyro_ensemble.health import usable_params
-from numpyro_ensemble.importance import full_data
-from numpyro_ensemble.members import has_per_member
-from numpyro_ensemble.posterior import _check_params, draw_guides, guide_sites
+from numpyro_ensemble.importance import checked_inputs, full_data
+from numpyro_ensemble.posterior import draw_guides
 from numpyro_ensemble.weights import StackingWeights, psis
 
 __all__ = ["stacking_weights", "pointwise_log_likelihood"]
@@ -104,16 +101,12 @@ def stacking_weights(
     :param kwargs: the model's keyword arguments.
     :return: :class:`~numpyro_ensemble.StackingWeights`.
     """
-    num_samples = check_positive_int(num_samples, "num_samples")
-    _check_params(ensemble, params)
-    if has_per_member((args, kwargs)):
-        raise ValueError(
-            "stacking_weights: the data differ between members (per_member), but "
-            "stacking scores every member on the same observations; stack the members "
-            "of one data set."
-        )
-    safe, _ = usable_params(params, "stacking_weights", quiet=True)
-    point = all(site.point for site in guide_sites(ensemble, safe, *args, **kwargs))
+    num_samples, _, sites = checked_inputs(
+        ensemble, params, args, kwargs, num_samples, "stacking_weights",
+        "but stacking scores every member on the same observations; stack the members "
+        "of one data set.",
+    )
+    point = all(site.point for site in sites)
     draws, finite = draw_guides(
         ensemble, rng_key, params, args, kwargs, 1 if point else num_samples, "stacking_weights"
     )

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 from functools import partial
 
-import jax
 from jax import random
 from jaxtyping import Array, Float, Int, PRNGKeyArray
-from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import substitute
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
-from numpyro_ensemble import batching, hyper, loop, stopping
+from numpyro_ensemble import batching, hyper, loop, starts, stopping
 from numpyro_ensemble._checks import (
     check_init_values,
     check_instance,
     check_positive_int,
     check_state,
     check_state_params,
-    check_support,
 )
 from numpyro_ensemble.checkpoint import check_checkpointing, save_checkpoint
 from numpyro_ensemble.guides import guide_template, member_guide
@@ -27,21 +24,12 @@ from numpyro_ensemble.members import (
     SplitArgs,
     apply_members,
     check_per_member,
-    identical_sites,
-    init_params_from_fn,
-    member_args,
     split_args,
-    stack_init_params,
-    warn_identical,
 )
-from numpyro_ensemble.sharding import check_divides, member_mesh, put
+from numpyro_ensemble.sharding import check_layout, member_mesh, put, put_args
 from numpyro_ensemble.stopping import EarlyStopping, extra_fields
 
 __all__ = ["EnsembleSVI"]
-
-# Folded into a member's key to give the key of a per-member ``init_params`` function.
-_INIT_FN_TAG = 0x696E6974
-
 
 class EnsembleSVI(SVI):
     """
@@ -154,16 +142,7 @@ class EnsembleSVI(SVI):
             ) from err
         self.subsample = batching.check_mode(subsample)
         self.mesh = member_mesh(devices)
-        if members_per_chunk is not None:
-            members_per_chunk = check_positive_int(members_per_chunk, "members_per_chunk")
-        if self.mesh is not None:
-            check_divides(self.mesh, self.ensemble_size, members_per_chunk)
-        elif members_per_chunk is not None and self.ensemble_size % members_per_chunk:
-            raise ValueError(
-                f"members_per_chunk={members_per_chunk} does not divide "
-                f"ensemble_size={self.ensemble_size}."
-            )
-        self.members_per_chunk = members_per_chunk
+        self.members_per_chunk = check_layout(self.mesh, self.ensemble_size, members_per_chunk)
         self._hyperparams = hyper.check(self.loss, optim, self.ensemble_size)
         self._optim_arg = optim
         self._guide_template = guide_template(guide)
@@ -263,24 +242,6 @@ class EnsembleSVI(SVI):
                 f"init() sets: call init() (or run()) first."
             )
 
-    def _set_up(self, rng_key, args, kwargs, progs, need_reference):
-        """Build the user's guide prototype and the param constraints, concretely and
-        outside every transform (so later traced calls never store tracers in the
-        guide), once per configuration. Returns the reference params of one member
-        when ``need_reference``."""
-        if self.constrain_fn is None and progs.constrain_fn is not None:
-            self.constrain_fn = progs.constrain_fn  # same model and guide, already set up
-        if self.constrain_fn is not None and not need_reference:
-            return None
-        args, kwargs = member_args(args, kwargs, 0)
-        # Concretely but without NumPyro's argument validation: the reference member's
-        # draws must not fail where the traced members (never validated) do not.
-        with validation_enabled(False):
-            reference = SVI.init(self, rng_key, *args, **kwargs)
-        if progs.constrain_fn is None:
-            progs.constrain_fn = self.constrain_fn
-        return self.constrain_fn(self.optim.get_params(reference.optim_state))
-
     # -- the SVI contract ----------------------------------------------------------
 
     def init(self, rng_key: PRNGKeyArray, *args, init_params=None, **kwargs) -> SVIState:
@@ -306,36 +267,25 @@ class EnsembleSVI(SVI):
             check_init_values(init_params)
         keys = self.member_keys(rng_key)
         progs = loop.programs(self)
-        reference = self._set_up(keys[0], args, kwargs, progs, init_params is not None)
+        reference = starts.set_up(self, keys[0], args, kwargs, progs, init_params is not None)
         shared_names = ()
-        if callable(init_params):
-            init_keys = jax.vmap(lambda k: random.fold_in(k, _INIT_FN_TAG))(keys)
-            init_params = init_params_from_fn(
-                init_params, init_keys, members_per_chunk=self.members_per_chunk
-            )
         if init_params is not None:
-            init_params, shared_names = stack_init_params(
-                init_params, reference, self.ensemble_size
+            init_params, shared_names = starts.member_init_params(
+                init_params, keys, reference, self.constrain_fn, self.members_per_chunk
             )
-            check_support(init_params, self.constrain_fn)
         state, flags = progs.init(
             put(keys, self.mesh, True),
             put(init_params, self.mesh, True),
-            self._put_args(split),
+            put_args(split.dynamic, split.axes, self.mesh),
             static=split.static,
             axes=split.axes,
         )
         if not self._warned_identical and self.ensemble_size > 1:
-            names = identical_sites(flags, shared_names)
+            names = starts.identical_sites(flags, shared_names)
             if names:
-                warn_identical(names, self.ensemble_size, type(self).__name__)
+                starts.warn_identical(names, self.ensemble_size, type(self).__name__)
                 self._warned_identical = True
         return state
-
-    def _put_args(self, split: SplitArgs) -> tuple:
-        return tuple(
-            put(leaf, self.mesh, axis == 0) for leaf, axis in zip(split.dynamic, split.axes, strict=True)
-        )
 
     def get_params(self, svi_state: SVIState) -> dict:
         """
@@ -417,16 +367,11 @@ class EnsembleSVI(SVI):
         :return: ``{plate name: array of shape (E, num_steps, subsample_size)}``;
             empty for a model without subsampled plates or with ``subsample="numpyro"``.
         """
-        plates = self._plates(self._split(args, kwargs))
+        plates = loop.run_plates(self, self._split(args, kwargs))
         if not plates:
             return {}
         keys = batching.stream_keys(self.member_keys(rng_key))
         return batching.stream_indices(plates, self.subsample, keys, num_steps, start_step)
-
-    def _plates(self, split: SplitArgs) -> tuple:
-        if self.subsample == "numpyro":
-            return ()
-        return self._inspect(split).plates
 
     def run(
         self,
@@ -489,7 +434,7 @@ class EnsembleSVI(SVI):
         else:
             self._check_state(init_state, "init_state")
             # A new object resuming a saved state sets up the guide first.
-            self._set_up(rng_key, args, kwargs, progs, need_reference=False)
+            starts.set_up(self, rng_key, args, kwargs, progs, need_reference=False)
             check_state_params(self.optim.get_params(init_state.optim_state), self.constrain_fn)
             svi_state = put(init_state, self.mesh, True)
         svi_state, losses, stop = loop.run_steps(
