@@ -18,15 +18,21 @@ __all__ = ["finite_members", "usable_params"]
 
 
 def finite_members(params) -> np.ndarray:
-    """``(E,)`` bool: member ``e`` has finite values in every floating leaf."""
+    """``(E,)`` bool: member ``e`` has finite values in every floating leaf.
+
+    Traced params (inside ``jax.jit``) cannot be inspected: every member counts as
+    finite there, and a diverged member's draws come out non-finite by themselves."""
+    leaves = jax.tree.leaves(params)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return np.ones(np.shape(leaves[0])[0], bool)
     flags = None
-    for leaf in jax.tree.leaves(params):
+    for leaf in leaves:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             continue
         ok = np.asarray(jnp.isfinite(jnp.reshape(leaf, (np.shape(leaf)[0], -1))).all(axis=1))
         flags = ok if flags is None else flags & ok
     if flags is None:
-        return np.ones(np.shape(jax.tree.leaves(params)[0])[0], bool)
+        return np.ones(np.shape(leaves[0])[0], bool)
     return flags
 
 

@@ -82,6 +82,22 @@ def test_predictive_member_e_uses_member_e(fitted):
     assert set(only) == {"f"}
 
 
+def test_predictive_under_jit_equals_eager(fitted):
+    # Inside a user's jitted loop (params traced) the draws are the eager ones.
+    x, y, svi, params, *_ = fitted
+    x_new = jnp.array([-1.0, 2.0])
+
+    def f_draws(params, key):
+        return ensemble_predictive(svi, key, params, x_new, num_samples=3, return_sites=["f"])["f"]
+
+    eager = f_draws(params, random.key(5))
+    np.testing.assert_allclose(jax.jit(f_draws)(params, random.key(5)), eager, rtol=1e-5, atol=1e-6)
+    # A diverged member still gives non-finite draws (only its own) when traced.
+    broken = jax.tree.map(lambda v: v.at[1].set(jnp.nan), params)
+    traced = jax.jit(f_draws)(broken, random.key(5))
+    assert not jnp.isfinite(traced[1]).any() and jnp.isfinite(traced[jnp.array([0, 2])]).all()
+
+
 def test_predictive_of_training_data(fitted):
     x, y, svi, params, *_ = fitted
     kept = ensemble_predictive(svi, random.key(0), params, x, y, num_samples=3)
