@@ -6,12 +6,16 @@ import jax
 from jaxtyping import PRNGKeyArray
 import numpy as np
 from numpyro.handlers import seed, substitute, trace
-from numpyro.infer import log_likelihood
 from numpyro.infer.svi import SVIRunResult
 
 from numpyro_ensemble.health import finite_members
 from numpyro_ensemble.members import has_per_member
-from numpyro_ensemble.posterior import ensemble_predictive, sample_posterior
+from numpyro_ensemble.posterior import (
+    ensemble_predictive,
+    model_params,
+    pointwise_log_likelihoods,
+    sample_posterior,
+)
 from numpyro_ensemble.weights import ImportanceWeights, member_weights_of
 
 __all__ = ["to_arviz"]
@@ -137,10 +141,12 @@ def to_arviz(
             ensemble, post_key, params, *args, num_samples=num_samples, **kwargs
         )
         finite = finite_members(params)
-    S = next(iter(jax.tree.leaves(draws))).shape[1]
+    leaves = jax.tree.leaves(draws)
+    S = leaves[0].shape[1] if leaves else num_samples  # no latent sites: S model runs
     kept = np.flatnonzero(finite)
 
     one_draw = jax.tree.map(lambda v: v[kept[0], 0], draws)
+    one_draw |= jax.tree.map(lambda v: v[kept[0]], model_params(ensemble, params, args, kwargs))
     model_trace = trace(substitute(seed(ensemble.model, 0), one_draw)).get_trace(
         *args, **model_kwargs
     )
@@ -153,14 +159,17 @@ def to_arviz(
         params,
         *args,
         posterior_samples=draws,
+        num_samples=S,
         resample_observed=True,
         return_sites=list(observed) + deterministic,
         **kwargs,
     )
     posterior = {**draws, **{n: predicted[n] for n in deterministic}}
     posterior_predictive = {n: predicted[n] for n in observed}
-    pointwise = log_likelihood(ensemble.model, draws, *args, batch_ndims=2, **model_kwargs)
-    pointwise = {n: v for n, v in pointwise.items() if n in observed}
+    pointwise = pointwise_log_likelihoods(ensemble, ensemble.model, params, draws, args, kwargs)
+    pointwise = {
+        n: np.broadcast_to(v, (E, S) + np.shape(v)[2:]) for n, v in pointwise.items() if n in observed
+    }
 
     member = np.broadcast_to(np.arange(E)[:, None], (E, S))
     sample_stats = {"member": member}

@@ -198,6 +198,8 @@ def ensemble_summary(
     )
     safe, _ = usable_params(params, "ensemble_summary", quiet=True)
     point = all(site.point for site in guide_sites(ensemble, safe, *args, **kwargs))
+    if not jax.tree.leaves(draws):  # no latent sites (e.g. a network's params): members are points
+        draws = jax.tree.map(lambda v: np.asarray(v)[:, None], safe)
     pareto_k = np.nan
     if weights is None:
         weights = (

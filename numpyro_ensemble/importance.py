@@ -28,7 +28,7 @@ from numpyro.infer.util import log_density
 from numpyro_ensemble._checks import check_positive_int
 from numpyro_ensemble.health import usable_params
 from numpyro_ensemble.members import has_per_member, map_members, merge_args
-from numpyro_ensemble.posterior import _check_params, draw_guides, guide_sites
+from numpyro_ensemble.posterior import _check_params, draw_guides, guide_sites, model_params
 from numpyro_ensemble.weights import ImportanceWeights, psis
 
 __all__ = ["importance_weights", "full_data"]
@@ -88,6 +88,12 @@ def importance_weights(
         ensemble, params, args, kwargs, num_samples, "importance_weights",
         "so the members fit different posteriors; weight the members of one data set.",
     )
+    if not sites:
+        raise ValueError(
+            "importance_weights: the guide samples no latent sites (every unknown of the "
+            "model is a numpyro.param), so there is nothing to weight; use "
+            "stacking_weights to weight the members by their predictions."
+        )
     if all(site.point for site in sites):
         raise ValueError(
             f"importance_weights: the guide of this {type(ensemble).__name__} is a point "
@@ -113,12 +119,12 @@ def importance_weights(
     flat = jax.tree.map(lambda v: jnp.reshape(v, (E * S,) + v.shape[2:]), draws)
 
     @jax.jit
-    def score(params, flat, dynamic):
+    def score(params, own_params, flat, dynamic):
         args, kwargs = merge_args(dynamic, split.static)
         kwargs = {**kwargs, **static_kwargs}
 
-        def log_joint(z):
-            return log_density(model, args, kwargs, {n: z[n] for n in latent})[0]
+        def log_joint(own, z):  # own: the member's values of the model's params
+            return log_density(model, args, kwargs, {**own, **{n: z[n] for n in latent}})[0]
 
         def log_q(member_params, z):
             # Substitute the draw at the guide's non-point sites; its point sites (an
@@ -132,7 +138,11 @@ def importance_weights(
             guide_at_z = substitute(guide, substitute_fn=given)
             return log_density(guide_at_z, args, kwargs, member_params)[0]
 
-        log_p = jax.vmap(log_joint)(flat)
+        log_p = map_members(  # each member's draws, with the member's model params
+            lambda member, _: jax.vmap(lambda one: log_joint(member[0], one))(member[1]),
+            (own_params, jax.tree.map(lambda v: jnp.reshape(v, (E, S) + v.shape[1:]), flat)),
+            members_per_chunk=ensemble.members_per_chunk,
+        ).reshape(E * S)
         log_qs = map_members(
             lambda member, z: jax.vmap(lambda one: log_q(member, one))(z),
             params,
@@ -141,7 +151,8 @@ def importance_weights(
         )
         return log_p, log_qs
 
-    log_p, log_qs = score(safe, flat, split.dynamic)
+    own_params = model_params(ensemble, safe, args, kwargs)
+    log_p, log_qs = score(safe, own_params, flat, split.dynamic)
     log_qs = jnp.where(jnp.asarray(finite)[:, None], log_qs, -jnp.inf)
     log_q_mix = logsumexp(log_qs, axis=0) - jnp.log(finite.sum())
     raw = np.asarray(jnp.reshape(log_p - log_q_mix, (E, S)), dtype=np.float64)

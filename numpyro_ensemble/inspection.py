@@ -37,6 +37,10 @@ class ModelInfo(NamedTuple):
     """Observed sample sites, ``numpyro.factor`` sites included."""
     plates: tuple[Plate, ...]
     """Plates with ``subsample_size < size``, by name."""
+    params: tuple[str, ...] = ()
+    """The model's own ``numpyro.param`` sites (e.g. a ``flax_module``'s weights):
+    fitted per member, so everything that runs the model after the fit takes them
+    from the member's params."""
     error: Exception | None = None
     """Why the model could not be traced on its own (e.g. it reads a ``numpyro.param``
     that only the guide initialises, which plain ``SVI`` allows); then nothing else
@@ -97,6 +101,7 @@ def inspect_model(model, split: SplitArgs, static_kwargs: dict) -> ModelInfo:
             *args, **kwargs, **static_kwargs
         )
         latent, discrete, observed = [], [], []
+        params = [name for name, site in model_trace.items() if site["type"] == "param"]
         for name, site in model_trace.items():
             if site["type"] != "sample":
                 continue
@@ -107,7 +112,8 @@ def inspect_model(model, split: SplitArgs, static_kwargs: dict) -> ModelInfo:
             if site["fn"].support.is_discrete:
                 discrete.append(name)
         found["info"] = ModelInfo(
-            tuple(latent), tuple(discrete), tuple(observed), subsampled_plates(model_trace)
+            tuple(latent), tuple(discrete), tuple(observed), subsampled_plates(model_trace),
+            params=tuple(params),
         )
 
     try:

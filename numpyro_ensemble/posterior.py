@@ -15,12 +15,13 @@ from jax import random
 from jaxtyping import Array, PRNGKeyArray, PyTree
 import numpyro.distributions as dist
 from numpyro.handlers import seed, substitute, trace
-from numpyro.infer import Predictive
+from numpyro.infer import Predictive, log_likelihood
 from numpyro.infer.svi import SVIRunResult
 from numpyro.primitives import Messenger
 
 from numpyro_ensemble._checks import check_params_tree, check_positive_int, leading_sizes
 from numpyro_ensemble.health import blank, usable_params
+from numpyro_ensemble.inspection import inspect_model
 from numpyro_ensemble.members import (
     apply_members,
     check_per_member,
@@ -93,6 +94,31 @@ def draw_guides(ensemble, rng_key, params, args, kwargs, num_samples, caller, au
 
     keys = random.split(rng_key, ensemble.ensemble_size)
     return blank(_map(ensemble, draw, (params, keys), args, kwargs), finite), finite
+
+
+def model_params(ensemble, params: dict, args, kwargs) -> dict:
+    """The members' values of the model's own ``numpyro.param`` sites (e.g. a
+    ``flax_module``'s weights), each with its ``(E,)`` axis: whatever runs the model
+    after the fit substitutes them, member by member."""
+    # inspect_model, not ensemble._inspect: new inputs must not re-key an EnsembleMAP's guide.
+    info = inspect_model(ensemble.model, ensemble._split(args, kwargs), ensemble.static_kwargs)
+    names = info.params if info.error is None else tuple(params)  # unknown: all of them
+    return {name: params[name] for name in names if name in params}
+
+
+def pointwise_log_likelihoods(ensemble, model, params: dict, draws: dict, args, kwargs):
+    """``{observed site: log p(y | z, params_e)}`` at every draw, ``(E, S, ...)``, with
+    member ``e``'s model params (a model with no latent sites: ``S = 1``)."""
+
+    def member(m, args, kwargs):
+        own_params, own_draws = m
+        at = substitute(model, data=own_params)
+        kwargs = {**kwargs, **ensemble.static_kwargs}
+        if own_draws:
+            return log_likelihood(at, own_draws, *args, batch_ndims=1, **kwargs)
+        return jax.tree.map(lambda v: v[None], log_likelihood(at, {}, *args, batch_ndims=0, **kwargs))
+
+    return _map(ensemble, member, (model_params(ensemble, params, args, kwargs), draws), args, kwargs)
 
 
 def sample_posterior(
@@ -229,6 +255,7 @@ def ensemble_predictive(
     post_key, pred_key = random.split(rng_key)
     model = _unobserved(ensemble.model) if resample_observed else ensemble.model
     return_sites = None if return_sites is None else list(return_sites)
+    own_params = model_params(ensemble, params, args, kwargs)
     if weights is not None:
         if posterior_samples is not None:
             raise ValueError(
@@ -240,6 +267,22 @@ def ensemble_predictive(
                 "ensemble_predictive: weights pool the members' draws, but the data "
                 "differ between members (per_member); predict each data set separately."
             )
+        if own_params:  # the model's params differ by member: predict, then resample
+            if isinstance(weights, ImportanceWeights):
+                posterior_samples = weights.samples
+                num_samples = next(iter(jax.tree.leaves(posterior_samples))).shape[1]
+            else:
+                member_weights_of(weights, ensemble.ensemble_size)
+            predicted = ensemble_predictive(
+                ensemble, rng_key, params, *args, num_samples=num_samples,
+                return_sites=return_sites, posterior_samples=posterior_samples,
+                resample_observed=resample_observed, **kwargs,
+            )
+            log_weights = draw_log_weights(weights, ensemble.ensemble_size, num_samples)
+            return resample_draws(
+                random.fold_in(rng_key, 1), predicted, log_weights,
+                ensemble.ensemble_size * num_samples,
+            )
         pooled = sample_posterior(
             ensemble, post_key, params, *args, num_samples=num_samples, weights=weights, **kwargs
         )
@@ -249,19 +292,25 @@ def ensemble_predictive(
         posterior_samples = sample_posterior(
             ensemble, post_key, params, *args, num_samples=num_samples, **kwargs
         )
-    elif leading_sizes(posterior_samples) != {ensemble.ensemble_size}:
+    elif posterior_samples and leading_sizes(posterior_samples) != {ensemble.ensemble_size}:
         raise ValueError(
             f"posterior_samples must have shape (E, S, ...) with E=ensemble_size="
             f"{ensemble.ensemble_size} on every site."
         )
 
     def predict(member, args, kwargs):
-        samples, key = member
-        predictive = Predictive(model, posterior_samples=samples, return_sites=return_sites)
+        samples, own, key = member
+        predictive = Predictive(
+            model,
+            posterior_samples=samples or None,
+            params=own,
+            num_samples=None if samples else num_samples,  # a model with no latent sites
+            return_sites=return_sites,
+        )
         return predictive(key, *args, **kwargs, **ensemble.static_kwargs)
 
     keys = random.split(pred_key, ensemble.ensemble_size)
-    return _map(ensemble, predict, (posterior_samples, keys), args, kwargs)
+    return _map(ensemble, predict, (posterior_samples, own_params, keys), args, kwargs)
 
 
 def ensemble_predict(

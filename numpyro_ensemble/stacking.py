@@ -21,28 +21,31 @@ import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 import numpy as np
 from numpyro.handlers import seed, substitute, trace
-from numpyro.infer import log_likelihood
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
 from numpyro_ensemble.importance import checked_inputs, full_data
-from numpyro_ensemble.posterior import draw_guides
+from numpyro_ensemble.posterior import draw_guides, model_params, pointwise_log_likelihoods
 from numpyro_ensemble.weights import StackingWeights, psis
 
 __all__ = ["stacking_weights", "pointwise_log_likelihood"]
 
 
-def pointwise_log_likelihood(ensemble, draws: dict, args, kwargs) -> np.ndarray:
+def pointwise_log_likelihood(ensemble, params: dict, draws: dict, args, kwargs) -> np.ndarray:
     """``log p(y_i | z_es)`` of every observation (observed sites flattened and
-    concatenated, ``numpyro.factor`` sites left out) at ``(E, S)`` draws: ``(E, S, N)``."""
+    concatenated, ``numpyro.factor`` sites left out) at ``(E, S)`` draws, with each
+    member's own model params: ``(E, S, N)``."""
     split = ensemble._split(args, kwargs)
     model = full_data(ensemble.model, ensemble._inspect(split).plates)
-    model_kwargs = {**kwargs, **ensemble.static_kwargs}
-    E, S = next(iter(jax.tree.leaves(draws))).shape[:2]
-    finite = np.isfinite(np.asarray(next(iter(jax.tree.leaves(draws))))).reshape(E, S, -1).all(-1)
-    e, s = np.argwhere(finite)[0]
+    e, s = 0, 0
+    if draws:  # trace at a finite draw, to tell which sites are real observations
+        first = np.asarray(next(iter(jax.tree.leaves(draws))))
+        e, s = np.argwhere(np.isfinite(first.reshape(first.shape[:2] + (-1,))).all(-1))[0]
     one = jax.tree.map(lambda v: v[e, s], draws)
-    model_trace = trace(substitute(seed(model, 0), one)).get_trace(*args, **model_kwargs)
+    own = jax.tree.map(lambda v: v[e], model_params(ensemble, params, args, kwargs))
+    model_trace = trace(substitute(seed(model, 0), {**own, **one})).get_trace(
+        *args, **kwargs, **ensemble.static_kwargs
+    )
     observed = [
         name
         for name, site in model_trace.items()
@@ -55,7 +58,8 @@ def pointwise_log_likelihood(ensemble, draws: dict, args, kwargs) -> np.ndarray:
             "stacking_weights: the model has no observed sites, so there is no "
             "predictive density to stack; use importance_weights."
         )
-    pointwise = log_likelihood(model, draws, *args, batch_ndims=2, **model_kwargs)
+    pointwise = pointwise_log_likelihoods(ensemble, model, params, draws, args, kwargs)
+    E, S = np.shape(pointwise[observed[0]])[:2]
     return np.concatenate(
         [np.asarray(pointwise[name], np.float64).reshape(E, S, -1) for name in observed], axis=-1
     )
@@ -110,7 +114,7 @@ def stacking_weights(
     draws, finite = draw_guides(
         ensemble, rng_key, params, args, kwargs, 1 if point else num_samples, "stacking_weights"
     )
-    loglik = pointwise_log_likelihood(ensemble, draws, args, kwargs)  # (E, S, N)
+    loglik = pointwise_log_likelihood(ensemble, params, draws, args, kwargs)  # (E, S, N)
     E = ensemble.ensemble_size
     lpd = np.full((E, loglik.shape[-1]), -np.inf)
     for e in np.flatnonzero(finite):

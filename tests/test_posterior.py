@@ -18,8 +18,11 @@ from numpyro_ensemble import (
     EnsembleSVI,
     ensemble_predict,
     ensemble_predictive,
+    ensemble_summary,
+    importance_weights,
     mcmc_init_params,
     sample_posterior,
+    stacking_weights,
 )
 
 E = 3
@@ -165,3 +168,61 @@ def test_autocontinuous_guides_sample_by_site(regression_data):
     params = svi.run(random.key(0), 20, x, y, progress_bar=False).params
     draws = sample_posterior(svi, random.key(1), params, x, y, num_samples=3)
     assert set(draws) == {"w", "sigma"} and draws["w"].shape == (2, 3, 2)
+
+
+def model_with_param(x, y=None):
+    b = numpyro.param("b", 0.0)  # the model's own param (as a flax_module's weights are)
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+    f = numpyro.deterministic("f", w * x + b)
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("y", dist.Normal(f, 0.1), obs=y)
+
+
+def test_the_model_runs_with_each_members_own_params():
+    # Predictions, pointwise log-likelihoods (stacking, ArviZ) and importance weights
+    # use each member's fitted model params, not their initial values.
+    x = jnp.linspace(-1.0, 1.0, 12)
+    y = 0.5 * x + 3.0
+    svi = EnsembleSVI(model_with_param, AutoNormal(model_with_param), optax.adam(0.05),
+                      Trace_ELBO(), ensemble_size=2)
+    result = svi.run(random.key(0), 1500, x, y, progress_bar=False)
+    b = result.params["b"]
+    np.testing.assert_allclose(b, 3.0, atol=0.05)
+    draws = sample_posterior(svi, random.key(1), result.params, x, y, num_samples=4)
+    f = ensemble_predictive(svi, random.key(1), result.params, x, y, posterior_samples=draws)["f"]
+    np.testing.assert_allclose(f, draws["w"][..., None] * x + b[:, None, None], rtol=1e-5, atol=1e-5)
+    weighted = ensemble_predictive(svi, random.key(1), result.params, x, y, num_samples=4,
+                                   weights=jnp.array([1.0, 0.0]), return_sites=["f"])["f"]
+    assert weighted.shape == (8, 12)
+    np.testing.assert_allclose(weighted.mean(), 3.0 + 0.5 * x.mean(), atol=0.1)
+    from numpyro_ensemble.stacking import pointwise_log_likelihood
+
+    loglik = pointwise_log_likelihood(svi, result.params, draws, (x, y), {})
+    expected = dist.Normal(draws["w"][..., None] * x + b[:, None, None], 0.1).log_prob(y)
+    np.testing.assert_allclose(loglik, expected, rtol=1e-4, atol=1e-4)
+    iw = importance_weights(svi, random.key(2), result.params, x, y, num_samples=50)
+    assert np.isfinite(iw.member_weights).all() and iw.pareto_k < 0.7
+
+
+def params_only_model(x, y=None):
+    a = numpyro.param("a", lambda key: random.normal(key, ()))
+    f = numpyro.deterministic("f", a * x)
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("y", dist.Normal(f, 0.1), obs=y)
+
+
+def test_a_params_only_ensemble_predicts_stacks_and_summarises():
+    # A deep ensemble by maximum likelihood: no latent sites, an empty guide.
+    x = jnp.linspace(-1.0, 1.0, 10)
+    y = 0.5 * x
+    svi = EnsembleSVI(params_only_model, lambda x, y=None: None, optax.adam(0.05), Trace_ELBO(),
+                      ensemble_size=3)
+    result = svi.run(random.key(0), 400, x, y, progress_bar=False)
+    pred = ensemble_predictive(svi, random.key(1), result.params, x, num_samples=2)
+    np.testing.assert_allclose(pred["f"], jnp.broadcast_to(result.params["a"][:, None, None] * x, (3, 2, 10)), rtol=1e-5)
+    assert pred["y"].shape == (3, 2, 10)
+    stacked = stacking_weights(svi, random.key(2), result.params, x, y)
+    np.testing.assert_allclose(stacked.member_weights.sum(), 1.0, rtol=1e-5)
+    assert "verdict" in str(ensemble_summary(svi, random.key(3), result, x, y))
+    with pytest.raises(ValueError, match="no latent sites"):
+        importance_weights(svi, random.key(4), result.params, x, y)
