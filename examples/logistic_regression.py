@@ -23,7 +23,6 @@ import argparse
 import math
 from pathlib import Path
 import time
-import warnings
 
 import jax
 from jax import random
@@ -40,7 +39,6 @@ import optax
 from numpyro_ensemble import (
     EnsembleMAP,
     EnsembleSVI,
-    IdenticalMembersWarning,
     ensemble_predictive,
     ensemble_summary,
     sample_posterior,
@@ -131,9 +129,6 @@ def timed_run(ensemble, rng_key, num_steps, *args, **kwargs):
 # Each step averages the ELBO over 4 draws from the guide (`num_particles=4`): the
 # gradient of the 153 entries of the scale matrix is noisy, and with one draw the
 # members' posterior sds scatter visibly more around the reference's.
-# NumPyro's `AutoMultivariateNormal` starts the scale at `init_scale * I` in every member
-# (only the means start apart), which the ensemble reports with an
-# `IdenticalMembersWarning`; here that is expected, so the warning is silenced.
 
 # %%
 def make_svi(ensemble_size, num_steps, learning_rate=0.01, init_scale=0.03, num_particles=4):
@@ -144,9 +139,7 @@ def make_svi(ensemble_size, num_steps, learning_rate=0.01, init_scale=0.03, num_
 
 
 def fit_svi(svi, rng_key, num_steps, x, y, batch_size):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=IdenticalMembersWarning)
-        return timed_run(svi, rng_key, num_steps, x, y, batch_size=batch_size)
+    return timed_run(svi, rng_key, num_steps, x, y, batch_size=batch_size)
 
 
 def first_epoch(svi, rng_key, x, y, batch_size):

@@ -139,13 +139,28 @@ class IdenticalMembersWarning(UserWarning):
     if that is what you want."""
 
 
+def _structured(leaf):
+    """A member's value is constant, or a constant times the identity (a scale
+    matrix's init, e.g. ``AutoMultivariateNormal``'s ``init_scale * I``)."""
+    flat = leaf.reshape(leaf.shape[0], -1)
+    if not flat.shape[1]:
+        return jnp.array(True)
+    constant = jnp.all(flat == flat[:, :1])
+    if leaf.ndim >= 3 and leaf.shape[-1] == leaf.shape[-2]:
+        eye = jnp.eye(leaf.shape[-1], dtype=bool)
+        diagonal = jnp.diagonal(leaf, axis1=-2, axis2=-1)
+        scaled_eye = jnp.all(jnp.where(eye, leaf == diagonal[..., :1, None], leaf == 0))
+        return constant | scaled_eye
+    return constant
+
+
 def identical_flags(params: dict) -> dict:
-    """Per site: (identical in all members, constant within each member); traceable."""
+    """Per site: (identical in all members, structured within each member: constant
+    or a constant times the identity); traceable."""
 
     def flags(leaves):
         same = jnp.all(jnp.stack([jnp.all(leaf == leaf[:1]) for leaf in leaves]))
-        flat = [leaf.reshape(leaf.shape[0], -1) for leaf in leaves]
-        constant = jnp.all(jnp.stack([jnp.all(f == f[:, :1]) for f in flat if f.shape[1]] or [True]))
+        constant = jnp.all(jnp.stack([_structured(leaf) for leaf in leaves]))
         return same, constant
 
     return {name: flags(jax.tree.leaves(value)) for name, value in params.items() if jax.tree.leaves(value)}
@@ -160,7 +175,8 @@ def identical_sites(flags: dict, explicit_shared=()) -> list[str]:
     a site is returned when it is identical in all members but varies within a
     member (a random-looking init shared by all members, e.g. the weights of an
     eagerly built ``nnx``/``equinox`` network); sites that are constant within a
-    member (scales, zero biases) and sites given as shared ``init_params`` are left out.
+    member (scales, zero biases) or a constant times the identity (a scale matrix)
+    and sites given as shared ``init_params`` are left out.
     """
     flags = jax.device_get(flags)
     same = {name for name, (s, _) in flags.items() if s}

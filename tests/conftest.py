@@ -1,3 +1,13 @@
+import os
+
+# The suite is mostly XLA compiling small programs that then run for milliseconds:
+# LLVM's -O0 compiles them about 1.5x faster. Tests check numbers, never speed (the
+# benchmarks in benchmarks/ run at the default level). Set before JAX starts its
+# backend; subprocesses started by tests inherit it.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
+).strip()
+
 import jax
 from jax import random
 import jax.numpy as jnp

@@ -12,7 +12,7 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoDelta, AutoNormal
+from numpyro.infer.autoguide import AutoDelta, AutoMultivariateNormal, AutoNormal
 from numpyro.infer.initialization import init_to_value
 import optax
 import pytest
@@ -144,6 +144,18 @@ def test_networks_initialised_from_numpyros_key_give_distinct_members():
     assert not identical_warnings(record)
     kernels = [leaf for leaf in jax.tree.leaves(params) if leaf.ndim == 3]
     assert kernels and all(float(jnp.abs(k[0] - k[1]).max()) > 1e-3 for k in kernels)
+
+
+def test_a_scale_matrix_started_at_the_identity_is_not_an_identical_start(regression_data):
+    # AutoMultivariateNormal: scale_tril = init_scale * I in every member, locs apart.
+    x, y = regression_data
+    svi = EnsembleSVI(regression_model, AutoMultivariateNormal(regression_model),
+                      optax.adam(0.01), Trace_ELBO(), ensemble_size=E)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        params = svi.get_params(svi.init(random.key(0), x, y))
+    assert not identical_warnings(record)
+    assert float(jnp.abs(params["auto_loc"][0] - params["auto_loc"][1]).max()) > 1e-3
 
 
 def test_pytree_init_params_shared_and_per_member():
