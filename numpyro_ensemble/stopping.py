@@ -74,13 +74,16 @@ class StopState(NamedTuple):
 
 
 def init(num_members: int, steps_taken=0) -> StopState:
+    # The default float type: float64 under ``numpyro.enable_x64()``. ``apply`` casts
+    # the losses to it, so the scan's carry keeps one type whatever the loss's dtype.
+    real = jnp.result_type(float)
     return StopState(
         taken=jnp.full((num_members,), steps_taken, jnp.int32),
         stopped=jnp.zeros((num_members,), bool),
-        smoothed=jnp.full((num_members,), jnp.nan, jnp.float32),
-        best=jnp.full((num_members,), jnp.inf, jnp.float32),
+        smoothed=jnp.full((num_members,), jnp.nan, real),
+        best=jnp.full((num_members,), jnp.inf, real),
         wait=jnp.zeros((num_members,), jnp.int32),
-        last_loss=jnp.full((num_members,), jnp.nan, jnp.float32),
+        last_loss=jnp.full((num_members,), jnp.nan, real),
     )
 
 
@@ -96,6 +99,7 @@ def _keep(stopped, old, new):
 def apply(rule: EarlyStopping | None, stop: StopState, old_state, new_state, losses):
     """One step of the rule: stopped members keep ``old_state`` and report their last
     loss; the others take ``new_state``, and may stop after it."""
+    losses = losses.astype(stop.last_loss.dtype)
     if rule is None:
         return new_state, losses, stop._replace(taken=stop.taken + 1, last_loss=losses)
     state = _keep(stop.stopped, old_state, new_state)
