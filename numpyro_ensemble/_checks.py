@@ -29,11 +29,17 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
-def check_weight(value, name: str, per_member: bool = False):
+def check_weight(value, name: str, per_member: bool = False, ensemble_size: int | None = None):
     """A tempering weight: a finite number >= 0 (a traced value is passed through);
-    with ``per_member``, also a 1-D array of them (one per member)."""
+    with ``per_member``, also a 1-D array of them, one per member (``ensemble_size``
+    of them, where it is known)."""
     if isinstance(value, jax.core.Tracer):
         return value
+    if per_member and not isinstance(value, (str, bytes)) and np.ndim(value) > 1:
+        raise ValueError(
+            f"{name} must be a finite number >= 0 or a 1-D (E,) array of them (one per "
+            f"member), got an array of shape {np.shape(value)}."
+        )
     if per_member and not isinstance(value, (str, bytes)) and np.ndim(value) == 1:
         try:
             values = np.asarray(value, dtype=np.float64)
@@ -44,7 +50,12 @@ def check_weight(value, name: str, per_member: bool = False):
                 f"{name} must be a finite number >= 0 or an (E,) array of them, got "
                 f"{values.tolist()}."
             )
-        return values.astype(np.float32)
+        if ensemble_size is not None and values.shape[0] != ensemble_size:
+            raise ValueError(
+                f"{name} has {values.shape[0]} values, but ensemble_size={ensemble_size}: "
+                f"give one value per member or a scalar."
+            )
+        return values
     if isinstance(value, (str, bytes)) or (
         not isinstance(value, numbers.Real) and np.ndim(value) != 0
     ):
@@ -62,6 +73,61 @@ def check_weight(value, name: str, per_member: bool = False):
     if not math.isfinite(as_float) or as_float < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {as_float}.")
     return as_float
+
+
+def check_key(rng_key, name: str = "rng_key"):
+    """One JAX PRNG key: a typed key (``jax.random.key``) or, as NumPyro accepts, a
+    legacy ``uint32`` key (``jax.random.PRNGKey``)."""
+    dtype = getattr(rng_key, "dtype", None)
+    shape = np.shape(rng_key) if dtype is not None else None
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape == ():
+            return rng_key
+        found = f"an array of {shape[0] if len(shape) == 1 else shape} typed keys"
+    elif dtype is not None and np.dtype(dtype) == np.uint32 and len(shape) == 1:
+        return rng_key  # a legacy key; its implementation checks the length
+    elif dtype is not None and np.dtype(dtype) == np.uint32:
+        found = f"a uint32 array of shape {shape} (several legacy keys?)"
+    else:
+        found = f"{rng_key!r} of type {type(rng_key).__name__}"
+    raise TypeError(
+        f"{name} must be one JAX PRNG key, e.g. jax.random.key(0) (a legacy "
+        f"jax.random.PRNGKey(0) works too), got {found}."
+    )
+
+
+def check_ensemble(ensemble, caller: str) -> None:
+    """The first argument of the functions that use a fit: an ``EnsembleSVI`` /
+    ``EnsembleMAP``, not a plain ``SVI`` (which has no member axis)."""
+    from numpyro.infer.svi import SVI
+
+    from numpyro_ensemble.svi import EnsembleSVI
+
+    if isinstance(ensemble, EnsembleSVI):
+        return
+    if isinstance(ensemble, SVI):
+        raise TypeError(
+            f"{caller} needs an EnsembleSVI or EnsembleMAP (params with a leading (E,) "
+            f"axis), got a plain numpyro.infer.SVI. Fit the model with "
+            f"EnsembleSVI(model, guide, optim, loss, ensemble_size=E) (E=1 for one fit), "
+            f"or use numpyro.infer.Predictive for a single SVI fit."
+        )
+    raise TypeError(
+        f"{caller} needs an EnsembleSVI or EnsembleMAP as its first argument, got "
+        f"{type(ensemble).__name__}."
+    )
+
+
+def check_num_particles(loss) -> None:
+    """A loss's ``num_particles``: an int >= 1 (NumPyro accepts 0, and every loss is
+    then non-finite)."""
+    if hasattr(loss, "num_particles"):
+        value = loss.num_particles
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(
+                f"the loss's num_particles must be an int >= 1 (one value for all "
+                f"members), got {value!r}: e.g. {type(loss).__name__}(num_particles=1)."
+            )
 
 
 def leading_sizes(tree) -> set:

@@ -8,6 +8,7 @@ import numpy as np
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.svi import SVIRunResult
 
+from numpyro_ensemble._checks import check_ensemble, check_key
 from numpyro_ensemble.health import finite_members
 from numpyro_ensemble.members import has_per_member
 from numpyro_ensemble.posterior import (
@@ -114,6 +115,8 @@ def to_arviz(
         posterior holds the draws they refer to (``num_samples`` is ignored).
     :param kwargs: the model's keyword arguments.
     """
+    check_ensemble(ensemble, "to_arviz")
+    check_key(rng_key)
     if has_per_member((args, kwargs)):
         raise ValueError(
             "to_arviz: the data differ between members (per_member), but ArviZ's "

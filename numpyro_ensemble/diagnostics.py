@@ -19,7 +19,7 @@ from numpyro.infer.svi import SVIRunResult
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from numpyro_ensemble._checks import check_positive_int
+from numpyro_ensemble._checks import check_ensemble, check_key, check_positive_int
 from numpyro_ensemble.health import finite_members, usable_params
 from numpyro_ensemble.importance import importance_weights
 from numpyro_ensemble.posterior import _check_params, draw_guides, guide_sites
@@ -178,6 +178,8 @@ def ensemble_summary(
     :param kwargs: the model's keyword arguments.
     :return: :class:`EnsembleSummary`.
     """
+    check_ensemble(ensemble, "ensemble_summary")
+    check_key(rng_key)
     num_samples = check_positive_int(num_samples, "num_samples")
     params, losses = result, None
     if isinstance(result, SVIRunResult):

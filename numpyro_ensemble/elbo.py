@@ -5,7 +5,7 @@ from __future__ import annotations
 from numpyro.infer import Trace_ELBO
 from numpyro.primitives import Messenger
 
-from numpyro_ensemble._checks import check_weight
+from numpyro_ensemble._checks import check_num_particles, check_weight
 
 __all__ = ["TemperedTrace_ELBO"]
 
@@ -117,6 +117,7 @@ class TemperedTrace_ELBO(Trace_ELBO):
             multi_sample_guide=multi_sample_guide,
             sum_sites=sum_sites,
         )
+        check_num_particles(self)
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
         model = _scale_sites(model, weight=self.kl_weight, latent_only=True)

@@ -62,6 +62,11 @@ def optimizer_hyperparams(optim) -> dict:
         for name, value in inject.hyperparams.items():
             if hasattr(value, "shape") and np.ndim(value) == 1:
                 found[name] = value
+            elif hasattr(value, "shape") and np.ndim(value) > 1:
+                raise ValueError(
+                    f"the optimizer's hyperparameter {name} has shape {np.shape(value)}: "
+                    f"give a scalar or a 1-D (E,) array (one value per member)."
+                )
     return found
 
 
@@ -69,7 +74,7 @@ def loss_hyperparams(loss) -> dict:
     """``kl_weight`` of a tempered loss when it is an array (one value per member)."""
     value = getattr(loss, "kl_weight", None)
     if value is not None and np.ndim(value) == 1:
-        return {"kl_weight": jnp.asarray(value, jnp.float32)}
+        return {"kl_weight": jnp.asarray(value, jnp.result_type(float))}
     return {}
 
 

@@ -11,7 +11,7 @@ from numpyro.infer.autoguide import AutoDelta
 from numpyro.infer.initialization import init_to_median, init_to_uniform
 from numpyro.infer.svi import SVIState
 
-from numpyro_ensemble._checks import check_params_tree, check_weight
+from numpyro_ensemble._checks import check_params_tree, check_positive_int, check_weight
 from numpyro_ensemble.elbo import TemperedTrace_ELBO
 from numpyro_ensemble.inspection import ModelInfo, signature
 from numpyro_ensemble.members import SplitArgs, map_members
@@ -114,7 +114,10 @@ class EnsembleMAP(EnsembleSVI):
         init_loc_fn=init_to_median_or_uniform,
         **static_kwargs,
     ):
-        self.prior_weight = check_weight(prior_weight, "prior_weight", per_member=True)
+        self.prior_weight = check_weight(
+            prior_weight, "prior_weight", per_member=True,
+            ensemble_size=check_positive_int(ensemble_size, "ensemble_size"),
+        )
         if not callable(init_loc_fn) or isinstance(init_loc_fn, type):
             raise TypeError(
                 f"init_loc_fn must be an init strategy such as init_to_median or "

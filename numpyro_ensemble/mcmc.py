@@ -10,7 +10,7 @@ from jaxtyping import PRNGKeyArray
 import numpy as np
 from numpyro.infer.util import unconstrain_fn
 
-from numpyro_ensemble._checks import check_positive_int
+from numpyro_ensemble._checks import check_ensemble, check_key, check_positive_int
 from numpyro_ensemble.health import finite_members
 from numpyro_ensemble.members import has_per_member
 from numpyro_ensemble.posterior import sample_posterior
@@ -80,6 +80,8 @@ def mcmc_init_params(
     :return: ``{latent site name: unconstrained array of shape (K, *site_shape)}``;
         for ``K = 1`` without the leading axis, as ``MCMC`` expects for one chain.
     """
+    check_ensemble(ensemble, "mcmc_init_params")
+    check_key(rng_key)
     if has_per_member((args, kwargs)):
         raise ValueError(
             "mcmc_init_params: the data differ between members (per_member), but MCMC "

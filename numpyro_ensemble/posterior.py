@@ -19,7 +19,13 @@ from numpyro.infer import Predictive, log_likelihood
 from numpyro.infer.svi import SVIRunResult
 from numpyro.primitives import Messenger
 
-from numpyro_ensemble._checks import check_params_tree, check_positive_int, leading_sizes
+from numpyro_ensemble._checks import (
+    check_ensemble,
+    check_key,
+    check_params_tree,
+    check_positive_int,
+    leading_sizes,
+)
 from numpyro_ensemble.health import blank, usable_params
 from numpyro_ensemble.inspection import inspect_model
 from numpyro_ensemble.members import (
@@ -160,6 +166,8 @@ def sample_posterior(
     :return: ``{latent site name: array of shape (E, S, *site_shape)}``, constrained;
         with ``resample``, ``(E * S, *site_shape)``.
     """
+    check_ensemble(ensemble, "sample_posterior")
+    check_key(rng_key)
     num_samples = check_positive_int(num_samples, "num_samples")
     _check_params(ensemble, params)
     E = ensemble.ensemble_size
@@ -252,6 +260,8 @@ def ensemble_predictive(
     :return: ``{site name: array of shape (E, S, *site_shape)}``; with ``weights``,
         ``(E * S, *site_shape)``.
     """
+    check_ensemble(ensemble, "ensemble_predictive")
+    check_key(rng_key)
     post_key, pred_key = random.split(rng_key)
     model = _unobserved(ensemble.model) if resample_observed else ensemble.model
     return_sites = None if return_sites is None else list(return_sites)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from functools import partial
+import importlib.util
 
 from jax import random
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from numpyro.handlers import substitute
+from numpyro.infer import TraceEnum_ELBO
+from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
 from numpyro_ensemble import batching, hyper, loop, starts, stopping
 from numpyro_ensemble._checks import (
     check_init_values,
     check_instance,
+    check_key,
+    check_num_particles,
     check_positive_int,
     check_state,
     check_state_params,
@@ -40,9 +45,10 @@ class EnsembleSVI(SVI):
     ``evaluate`` / ``get_params`` / ``run``. Every array in the state, the params
     and the losses gains a leading ``(E,)`` axis; nothing else changes.
 
-    Member ``e`` is exactly a plain ``SVI`` run: ``init(rng_key)`` gives member
-    ``e`` the state that ``SVI(model, guide, ...).init(keys[e])`` would give on a
-    new guide, with ``keys = random.split(rng_key, ensemble_size)``
+    Member ``e`` is a plain ``SVI`` run (the same numbers to floating-point
+    rounding): ``init(rng_key)`` gives member ``e`` the state that
+    ``SVI(model, guide, ...).init(keys[e])`` would give on a new guide, with
+    ``keys = random.split(rng_key, ensemble_size)``
     (see :meth:`member_keys`), and every step applies ``SVI.update`` to each
     member independently. So members start from different points for AutoGuides
     and for custom guides whose ``numpyro.param`` init takes a key, and a member
@@ -132,6 +138,7 @@ class EnsembleSVI(SVI):
         self.ensemble_size = check_positive_int(ensemble_size, "ensemble_size")
         check_instance(guide, "guide", "AutoNormal(model)", "__call__")
         check_instance(loss, "loss", "Trace_ELBO()", "loss")
+        check_num_particles(loss)
         try:
             super().__init__(model, guide, optim, loss, **static_kwargs)
         except TypeError as err:
@@ -173,6 +180,7 @@ class EnsembleSVI(SVI):
     def member_keys(self, rng_key: PRNGKeyArray) -> PRNGKeyArray:
         """The per-member keys ``random.split(rng_key, ensemble_size)``: member ``e``
         of ``init(rng_key)`` / ``run(rng_key, ...)`` is a plain ``SVI`` on ``keys[e]``."""
+        check_key(rng_key)
         return random.split(rng_key, self.ensemble_size)
 
     def _program_key(self):
@@ -230,7 +238,26 @@ class EnsembleSVI(SVI):
         return info
 
     def _validate_model(self, info: ModelInfo):
-        """Hook for subclasses: check the model before anything is compiled."""
+        """Check the model before anything is compiled (subclasses add their own checks)."""
+        guide = self.guide
+        if (
+            info.discrete
+            and isinstance(guide, AutoGuide)
+            and getattr(guide, "model", None) is self.model
+            and not isinstance(self.loss, TraceEnum_ELBO)
+            and importlib.util.find_spec("funsor") is None
+        ):
+            # NumPyro's own error here is an ImportError asking for funsor.
+            sites = list(info.discrete)
+            raise ValueError(
+                f"{type(self).__name__}: the model has discrete latent sites {sites}, which "
+                f"{type(guide).__name__} (a continuous guide) cannot fit. Marginalise them "
+                f"out in the model (e.g. dist.MixtureSameFamily); or enumerate them with "
+                f"TraceEnum_ELBO (pip install funsor; mark them infer={{'enumerate': "
+                f"'parallel'}}); or hide them from the guide, e.g. "
+                f"{type(guide).__name__}(numpyro.handlers.block(model, hide={sites})), so "
+                f"the model draws them from their prior."
+            )
 
     def _check_state(self, svi_state, name):
         check_state(svi_state, name, self.ensemble_size, type(self).__name__)
@@ -261,6 +288,7 @@ class EnsembleSVI(SVI):
         :return: the initial :data:`~numpyro.infer.svi.SVIState`; every array leaf
             has a leading ``(E,)`` axis.
         """
+        check_key(rng_key)
         split = self._split(args, kwargs)
         self._inspect(split)
         if isinstance(init_params, dict):
@@ -367,6 +395,7 @@ class EnsembleSVI(SVI):
         :return: ``{plate name: array of shape (E, num_steps, subsample_size)}``;
             empty for a model without subsampled plates or with ``subsample="numpyro"``.
         """
+        check_key(rng_key)
         plates = loop.run_plates(self, self._split(args, kwargs))
         if not plates:
             return {}
@@ -423,6 +452,7 @@ class EnsembleSVI(SVI):
             with a leading ``(E,)`` axis on every params leaf and
             ``losses.shape == (E, num_steps)``.
         """
+        check_key(rng_key)
         num_steps = check_positive_int(num_steps, "num_steps")
         early_stopping = stopping.check_rule(early_stopping)
         checkpoint_every = check_checkpointing(checkpoint_path, checkpoint_every, num_steps)

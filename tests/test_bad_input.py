@@ -2,6 +2,7 @@
 
 from jax import random
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.infer import Trace_ELBO
@@ -126,3 +127,97 @@ def test_data_as_python_lists():
         svi.run(random.key(0), 5, [0.5, 1.0, 1.5], progress_bar=False)
     with pytest.raises(TypeError, match="y is a Python list of numbers"):
         svi.init(random.key(0), y=[0.5, 1.0])
+
+
+@pytest.fixture
+def nothing_compiles(monkeypatch):
+    """Fails the test if an ensemble builds its compiled programs: the error must come first."""
+    from numpyro_ensemble import loop
+
+    def refuse(ensemble):
+        raise AssertionError("the ensemble started compiling before the input was checked")
+
+    monkeypatch.setattr(loop, "programs", refuse)
+
+
+def test_per_member_settings_of_the_wrong_length_name_the_argument(nothing_compiles):
+    from numpyro_ensemble import TemperedTrace_ELBO
+
+    with pytest.raises(ValueError, match=r"prior_weight has 2 values, but ensemble_size=3"):
+        EnsembleMAP(model, optax.adam(0.01), ensemble_size=3, prior_weight=jnp.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"prior_weight must be .* a 1-D \(E,\) array .* shape \(3, 1\)"):
+        EnsembleMAP(model, optax.adam(0.01), ensemble_size=3, prior_weight=jnp.ones((3, 1)))
+    with pytest.raises(ValueError, match=r"kl_weight has 2 values"):
+        EnsembleSVI(model, AutoNormal(model), optax.adam(0.01),
+                    TemperedTrace_ELBO(kl_weight=[1.0, 0.5]), ensemble_size=3)
+    with pytest.raises(ValueError, match=r"hyperparameter learning_rate has shape \(3, 1\)"):
+        EnsembleSVI(model, AutoNormal(model),
+                    optax.inject_hyperparams(optax.adam)(learning_rate=jnp.full((3, 1), 0.01)),
+                    Trace_ELBO(), ensemble_size=3)
+    # num_particles is one setting of the loss, not per member, and 0 gives no loss at all
+    for loss in (Trace_ELBO(num_particles=0), Trace_ELBO(num_particles=jnp.ones(3, int))):
+        with pytest.raises(ValueError, match=r"the loss's num_particles must be an int >= 1"):
+            EnsembleSVI(model, AutoNormal(model), optax.adam(0.01), loss, ensemble_size=3)
+    with pytest.raises(ValueError, match=r"num_particles must be an int >= 1 \(one value for all members\), got 0"):
+        TemperedTrace_ELBO(num_particles=0)
+
+
+def test_a_plain_svi_where_an_ensemble_is_expected():
+    from numpyro.infer import SVI
+
+    from numpyro_ensemble import (
+        ensemble_predictive,
+        ensemble_summary,
+        importance_weights,
+        mcmc_init_params,
+        stacking_weights,
+        to_arviz,
+    )
+
+    svi = SVI(model, AutoNormal(model), optax.adam(0.01), Trace_ELBO())
+    params = svi.get_params(svi.init(random.key(0), Y))
+    for fn in (sample_posterior, ensemble_predictive, importance_weights, stacking_weights,
+               to_arviz, mcmc_init_params, ensemble_summary):
+        with pytest.raises(TypeError, match=rf"{fn.__name__} needs an EnsembleSVI or EnsembleMAP"
+                                            r".*got a plain numpyro.infer.SVI"):
+            fn(svi, random.key(1), params, Y)
+    with pytest.raises(TypeError, match="needs an EnsembleSVI or EnsembleMAP as its first argument, got dict"):
+        sample_posterior(params, random.key(1), params, Y)
+
+
+def test_discrete_latent_site_under_a_continuous_autoguide(nothing_compiles):
+    def with_switch(y):
+        z = numpyro.sample("z", dist.Bernoulli(0.5))
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu + z, 1.0), obs=y)
+
+    svi = EnsembleSVI(with_switch, AutoNormal(with_switch), optax.adam(0.01), Trace_ELBO(),
+                      ensemble_size=2)
+    match = (r"discrete latent sites \['z'\], which AutoNormal .* cannot fit.*MixtureSameFamily"
+             r".*TraceEnum_ELBO.*block\(model, hide=\['z'\]\)")
+    with pytest.raises(ValueError, match=match):
+        svi.run(random.key(0), 5, Y, progress_bar=False)
+    with pytest.raises(ValueError, match=match):
+        svi.init(random.key(0), Y)
+
+
+def test_rng_key_must_be_a_key(nothing_compiles):
+    svi = make()
+    for bad, found in ((0, "got 0 of type int"), (random.split(random.key(0), 3), "an array of 3 typed keys"),
+                       (random.split(random.PRNGKey(0), 3), r"a uint32 array of shape \(3, 2\)")):
+        with pytest.raises(TypeError, match=rf"rng_key must be one JAX PRNG key, e\.g\. jax\.random\.key\(0\).*{found}"):
+            svi.run(bad, 5, Y, progress_bar=False)
+    with pytest.raises(TypeError, match="rng_key must be one JAX PRNG key"):
+        svi.init(0, Y)
+    with pytest.raises(TypeError, match="rng_key must be one JAX PRNG key"):
+        svi.batch_indices(1, 3, Y)
+
+
+def test_legacy_prng_keys_still_work():
+    svi = make(E=2)
+    legacy = svi.run(random.PRNGKey(0), 5, Y, progress_bar=False)
+    typed = svi.run(random.wrap_key_data(random.PRNGKey(0)), 5, Y, progress_bar=False)
+    np.testing.assert_array_equal(legacy.losses, typed.losses)  # the same key, two spellings
+    draws = sample_posterior(svi, random.PRNGKey(1), legacy.params, Y, num_samples=3)
+    assert draws["mu"].shape == (2, 3)
