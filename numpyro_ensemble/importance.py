@@ -25,7 +25,7 @@ import numpy as np
 from numpyro.handlers import substitute
 from numpyro.infer.util import log_density
 
-from numpyro_ensemble._checks import check_positive_int
+from numpyro_ensemble._checks import check_ensemble, check_key, check_positive_int, warn
 from numpyro_ensemble.health import usable_params
 from numpyro_ensemble.members import has_per_member, map_members, merge_args
 from numpyro_ensemble.posterior import _check_params, draw_guides, guide_sites, model_params
@@ -54,6 +54,32 @@ def checked_inputs(ensemble, params, args, kwargs, num_samples, name, per_member
     return num_samples, safe, guide_sites(ensemble, safe, *args, **kwargs)
 
 
+def proper_densities(log_qs: np.ndarray, finite: np.ndarray, num_samples: int) -> np.ndarray:
+    """The ``(E,)`` mask of members whose guide log density is a number or ``-inf`` at
+    every draw of the usable members. A member with a degenerate guide (a scale that
+    collapsed to 0, e.g. a member stuck in a poor optimum) gives NaN or ``+inf``
+    there, which would make the mixture density of every draw non-finite: it is left
+    out of the mixture, with weight 0 and a warning naming it."""
+    columns = np.repeat(finite, num_samples)
+    with np.errstate(invalid="ignore"):
+        bad = np.isnan(log_qs[:, columns]) | (log_qs[:, columns] == np.inf)
+    proper = ~bad.any(axis=1)
+    left_out = np.flatnonzero(finite & ~proper).tolist()
+    if left_out:
+        if not (finite & proper).any():
+            raise ValueError(
+                f"importance_weights: the guide density of every member is NaN or +inf at "
+                f"the ensemble's draws (members {left_out}); check the guide's scales."
+            )
+        warn(
+            f"importance_weights: members {left_out} of {finite.size} have a guide density "
+            f"that is NaN or +inf at the ensemble's draws (a degenerate scale); they are "
+            f"left out of the mixture proposal and get weight 0.",
+            RuntimeWarning,
+        )
+    return proper
+
+
 def importance_weights(
     ensemble,
     rng_key: PRNGKeyArray,
@@ -69,7 +95,9 @@ def importance_weights(
     ``member_weights[e]`` is the share of posterior mass the weights give member
     ``e``'s draws: with members on two modes of masses 0.3 and 0.7, the members of
     each mode together get about 0.3 and 0.7, whatever their head count.
-    Members with non-finite params are excluded (weight 0). One jitted pass scores
+    Members with non-finite params are excluded (weight 0), and so are members whose
+    guide density is NaN or ``+inf`` at the draws (a degenerate scale): they are left
+    out of the mixture proposal, with a warning naming them. One jitted pass scores
     every draw under the model and under every member's guide
     (:math:`E^2 S` guide evaluations).
 
@@ -84,6 +112,8 @@ def importance_weights(
     :param kwargs: the model's keyword arguments.
     :return: :class:`~numpyro_ensemble.ImportanceWeights`.
     """
+    check_ensemble(ensemble, "importance_weights")
+    check_key(rng_key)
     num_samples, safe, sites = checked_inputs(
         ensemble, params, args, kwargs, num_samples, "importance_weights",
         "so the members fit different posteriors; weight the members of one data set.",
@@ -153,6 +183,7 @@ def importance_weights(
 
     own_params = model_params(ensemble, safe, args, kwargs)
     log_p, log_qs = score(safe, own_params, flat, split.dynamic)
+    finite = finite & proper_densities(np.asarray(log_qs), finite, S)
     log_qs = jnp.where(jnp.asarray(finite)[:, None], log_qs, -jnp.inf)
     log_q_mix = logsumexp(log_qs, axis=0) - jnp.log(finite.sum())
     raw = np.asarray(jnp.reshape(log_p - log_q_mix, (E, S)), dtype=np.float64)

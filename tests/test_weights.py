@@ -255,3 +255,32 @@ def test_a_guide_equal_to_the_posterior_gets_constant_weights():
     np.testing.assert_allclose(np.asarray(w.log_weights), np.log(1 / 600), atol=1e-3)
     np.testing.assert_allclose(np.asarray(w.member_weights), 0.5, atol=1e-3)
     assert w.ess == pytest.approx(600, rel=1e-2) and w.pareto_k < 0.5
+
+
+def test_a_degenerate_member_is_left_out_of_the_mixture():
+    # AutoMultivariateNormal members at over-dispersed, shifted points (no fitting), and
+    # member 2 with a scale that collapsed to 0: its density is NaN at every draw, which
+    # made the mixture density of every draw non-finite and broke the weights.
+    from numpyro.infer.autoguide import AutoMultivariateNormal
+
+    def normal_mean_2d(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu, 1.0).to_event(1), obs=y)
+
+    y = jnp.stack([Y, -Y], axis=1)
+    post_mean = np.asarray(y.sum(0) / POST_PREC)
+    svi = EnsembleSVI(normal_mean_2d, AutoMultivariateNormal(normal_mean_2d), optax.adam(0.01),
+                      Trace_ELBO(), ensemble_size=4)
+    shifts = jnp.array([[-0.5, 0.3], [0.6, -0.2], [0.0, 0.0], [0.2, 0.5]]) * POST_SD
+    init = {"auto_loc": jnp.asarray(post_mean) + shifts,
+            "auto_scale_tril": jnp.broadcast_to(1.5 * POST_SD * jnp.eye(2), (4, 2, 2))}
+    params = svi.get_params(svi.init(random.key(0), y, init_params=init))
+    params["auto_scale_tril"] = params["auto_scale_tril"].at[2].set(jnp.zeros((2, 2)))
+    with pytest.warns(RuntimeWarning, match=r"members \[2\] of 4 have a guide density that is NaN"):
+        w = importance_weights(svi, random.key(1), params, y, num_samples=3000)
+    assert w.member_weights[2] == 0 and np.isfinite(np.asarray(w.member_weights)).all()
+    assert w.pareto_k < 0.7
+    draws = sample_posterior(svi, random.key(2), params, y, weights=w)
+    np.testing.assert_allclose(np.asarray(draws["mu"].mean(0)), post_mean, atol=0.05 * POST_SD)
+    np.testing.assert_allclose(np.asarray(draws["mu"].std(0)), POST_SD, rtol=0.05)
