@@ -11,13 +11,15 @@
 # Run it with `python examples/eight_schools.py` (about a minute and a half on two
 # CPU cores), or `python examples/eight_schools.py --quick` (small sizes; under a
 # minute, most of it compiling). Figures and tables are written to `--out-dir`
-# (default `docs/figures`).
+# (default: a new temporary directory; `--out-dir docs/figures` regenerates the ones
+# shown here).
 
 # %%
 from __future__ import annotations
 
 import argparse
 import pathlib
+import tempfile
 
 import arviz as az
 from jax import random
@@ -329,13 +331,15 @@ def main(argv=None):
     parser.add_argument("--num-chains", type=int)
     parser.add_argument("--num-warmup", type=int)
     parser.add_argument("--num-samples", type=int)
-    parser.add_argument("--out-dir", default="docs/figures", help="where figures and tables go")
+    parser.add_argument("--out-dir", default=None,
+                        help="where figures and tables go (default: a new temporary directory; "
+                             "docs/figures regenerates the committed ones)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     for name, default in sizes.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    out_dir = pathlib.Path(args.out_dir)
+    out_dir = pathlib.Path(args.out_dir or tempfile.mkdtemp(prefix="eight_schools-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     import matplotlib
 

@@ -46,6 +46,18 @@ def regression_data():
     return x, y
 
 
+def run_tutorial(name: str, *argv: str):
+    """Runs ``examples/<name>.py`` in quick mode (``main(["--quick", *argv])``) and
+    returns what its ``main`` returns. Every tutorial's test calls this
+    (``tests/test_docs.py`` checks that each tutorial has such a test)."""
+    import pathlib
+    import runpy
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    namespace = runpy.run_path(str(script), run_name="not_main")
+    return namespace["main"](["--quick", *argv])
+
+
 def tree_allclose(a, b, **kw):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb)

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from numpyro_ensemble import EnsembleSVI, load_checkpoint, save_checkpoint
+import numpyro_ensemble.svi as svi_module
 
 X = jnp.linspace(-1.0, 1.0, 12)
 Y = 0.3 + 1.5 * X
@@ -54,26 +55,48 @@ RESUME = textwrap.dedent(
     svi = EnsembleSVI(subsample_model, AutoNormal(subsample_model), optax.adam(0.05),
                       Trace_ELBO(), ensemble_size=3)
     state = load_checkpoint({path!r})
-    rest = svi.run(random.key(0), 14, X, Y, progress_bar=False, init_state=state)
+    rest = svi.run(random.key(0), {steps}, X, Y, progress_bar=False, init_state=state)
     np.save({out!r}, np.asarray(rest.params["w_auto_loc"]))
     np.save({losses!r}, np.asarray(rest.losses))
     """
 )
 
 
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
 @pytest.mark.slow
-def test_a_killed_run_resumes_in_a_new_process_exactly(tmp_path):
+def test_a_run_killed_after_a_periodic_save_resumes_in_a_new_process_exactly(
+    tmp_path, monkeypatch
+):
     whole = make().run(random.key(0), 35, X, Y, progress_bar=False)
     path = tmp_path / "state.ckpt"
-    # "killed" after 21 of 35 steps: its last checkpoint is at step 21
-    make().run(random.key(0), 21, X, Y, progress_bar=False, checkpoint_path=path,
-               checkpoint_every=7)
+    saves = []
+
+    def save_then_die(path, state):  # the run dies right after its second periodic save
+        save_checkpoint(path, state)
+        saves.append(int(np.max(state.optim_state[0])))
+        if len(saves) == 2:
+            raise Killed
+
+    monkeypatch.setattr(svi_module, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        make().run(random.key(0), 35, X, Y, progress_bar=False, checkpoint_path=path,
+                   checkpoint_every=7)
+    assert saves == [7, 14]  # the file holds the state after 14 of 35 steps, mid-run
     out, losses = tmp_path / "w.npy", tmp_path / "losses.npy"
     script = RESUME.format(tests=str(pathlib.Path(__file__).parent), path=str(path),
-                           out=str(out), losses=str(losses))
+                           out=str(out), losses=str(losses), steps=35 - 14)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     np.testing.assert_allclose(np.load(out), whole.params["w_auto_loc"], rtol=1e-6)
-    np.testing.assert_allclose(np.load(losses), whole.losses[:, 21:], rtol=1e-6)
+    np.testing.assert_allclose(np.load(losses), whole.losses[:, 14:], rtol=1e-6)
+    # and not by accident: the saved state differs from the start and from the end
+    start = make().init(random.key(0), X, Y)
+    saved = load_checkpoint(path)
+    for other in (start, whole.state):
+        assert not np.allclose(np.asarray(saved.optim_state[1][0]["w_auto_loc"]),
+                               np.asarray(other.optim_state[1][0]["w_auto_loc"]))
 
 
 def test_corrupt_or_mismatched_checkpoints_are_clear_errors(tmp_path):

@@ -4,6 +4,7 @@ import math
 import pathlib
 import runpy
 
+from conftest import run_tutorial
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -13,8 +14,7 @@ UCI = ROOT.parent / "shared" / "data" / "uci"  # beside the checkout; never comm
 
 @pytest.mark.slow
 def test_sinc_regression_runs(tmp_path, capsys):
-    namespace = runpy.run_path(str(EXAMPLES / "sinc_regression.py"), run_name="not_main")
-    scores = namespace["main"](["--quick", "--out-dir", str(tmp_path)])
+    scores = run_tutorial("sinc_regression", "--out-dir", str(tmp_path))
     printed = capsys.readouterr().out
     assert "custom loop" in printed and "EnsembleMAP" in printed and "EnsembleSVI" in printed
     assert (tmp_path / "sinc_regression_fits.png").stat().st_size > 10_000
@@ -32,8 +32,7 @@ def test_sinc_regression_runs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_eight_schools_runs(tmp_path, capsys):
-    namespace = runpy.run_path(str(EXAMPLES / "eight_schools.py"), run_name="not_main")
-    results = namespace["main"](["--quick", "--out-dir", str(tmp_path / "figures")])
+    results = run_tutorial("eight_schools", "--out-dir", str(tmp_path / "figures"))
     printed = capsys.readouterr().out
     assert "NUTS" in printed and "az.compare" in printed
     table = results["table"]

@@ -191,10 +191,13 @@ def test_the_model_runs_with_each_members_own_params():
     draws = sample_posterior(svi, random.key(1), result.params, x, y, num_samples=4)
     f = ensemble_predictive(svi, random.key(1), result.params, x, y, posterior_samples=draws)["f"]
     np.testing.assert_allclose(f, draws["w"][..., None] * x + b[:, None, None], rtol=1e-5, atol=1e-5)
-    weighted = ensemble_predictive(svi, random.key(1), result.params, x, y, num_samples=4,
-                                   weights=jnp.array([1.0, 0.0]), return_sites=["f"])["f"]
-    assert weighted.shape == (8, 12)
-    np.testing.assert_allclose(weighted.mean(), 3.0 + 0.5 * x.mean(), atol=0.1)
+    # Weights pick members: member 1 moved far away, so ignoring the weights shows.
+    moved = {**result.params, "b": result.params["b"].at[1].set(-10.0)}
+    for weights, b_expected in (([1.0, 0.0], 3.0), ([0.0, 1.0], -10.0)):
+        weighted = ensemble_predictive(svi, random.key(1), moved, x, y, num_samples=4,
+                                       weights=jnp.array(weights), return_sites=["f"])["f"]
+        assert weighted.shape == (8, 12)
+        np.testing.assert_allclose(weighted.mean(), b_expected + 0.5 * x.mean(), atol=0.1)
     from numpyro_ensemble.stacking import pointwise_log_likelihood
 
     loglik = pointwise_log_likelihood(svi, result.params, draws, (x, y), {})
@@ -221,8 +224,16 @@ def test_a_params_only_ensemble_predicts_stacks_and_summarises():
     pred = ensemble_predictive(svi, random.key(1), result.params, x, num_samples=2)
     np.testing.assert_allclose(pred["f"], jnp.broadcast_to(result.params["a"][:, None, None] * x, (3, 2, 10)), rtol=1e-5)
     assert pred["y"].shape == (3, 2, 10)
-    stacked = stacking_weights(svi, random.key(2), result.params, x, y)
+    # Members 1 and 2 moved off the data (a = 0.5 fits it): stacking and the summary
+    # must find that member 0 is the one to trust.
+    moved = result._replace(params={"a": result.params["a"].at[1:].set(jnp.array([2.0, -1.0]))})
+    stacked = stacking_weights(svi, random.key(2), moved.params, x, y)
     np.testing.assert_allclose(stacked.member_weights.sum(), 1.0, rtol=1e-5)
-    assert "verdict" in str(ensemble_summary(svi, random.key(3), result, x, y))
+    assert stacked.member_weights[0] > 0.99 and stacked.elpd_loo > stacked.elpd_loo_equal
+    summary = ensemble_summary(svi, random.key(3), moved, x, y)
+    assert summary.weight_kind == "stacking" and summary.weight[0] > 0.99
+    assert summary.num_modes == 3 and len(set(summary.mode.tolist())) == 3
+    assert "3 distinct modes" in summary.verdict and "one member carries" in summary.verdict
+    np.testing.assert_allclose(summary.final_loss, result.losses[:, -1])
     with pytest.raises(ValueError, match="no latent sites"):
         importance_weights(svi, random.key(4), result.params, x, y)

@@ -1,19 +1,15 @@
 """The deep-ensemble tutorial (examples/deep_ensemble.py) runs quickly and says what it shows."""
 
 import math
-import pathlib
-import runpy
 
+from conftest import run_tutorial
 import numpy as np
 import pytest
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "deep_ensemble.py"
 
 
 @pytest.mark.slow
 def test_deep_ensemble_tutorial_quick(tmp_path, capsys):
-    namespace = runpy.run_path(str(SCRIPT), run_name="not_main")
-    out = namespace["main"](["--quick", "--out-dir", str(tmp_path)])
+    out = run_tutorial("deep_ensemble", "--out-dir", str(tmp_path))
     printed = capsys.readouterr().out
 
     flax, eqx = out["scores"]["flax"], out["scores"]["equinox"]
@@ -23,12 +19,14 @@ def test_deep_ensemble_tutorial_quick(tmp_path, capsys):
     assert np.isfinite(out["final_losses"]["flax"]).all()
     assert np.isfinite(out["final_losses"]["equinox"]).all()
 
-    # The mixture's NLL is at most the members' average NLL (log is concave), and in range
-    # the ensemble does not lose to one network.
+    # Away from the data the mixture is far better than a single network on average. (It
+    # cannot be worse, log being concave; these margins fail when the members are copies
+    # of one fit.) In range it is close to the true mean and noise.
+    oracle = out["scores"]["oracle"]
     for scores in (flax, eqx):
-        for region in ("in range", "gap", "outside"):
-            assert scores["ensemble"][region]["nll"] <= scores["average member"][region]["nll"] + 1e-4
-    assert flax["ensemble"]["in range"]["nll"] <= flax["member 0"]["in range"]["nll"] + 0.1
+        assert scores["ensemble"]["gap"]["nll"] < scores["average member"]["gap"]["nll"] - 0.3
+        assert scores["ensemble"]["outside"]["nll"] < scores["average member"]["outside"]["nll"] - 5
+        assert scores["ensemble"]["in range"]["nll"] < oracle["in range"]["nll"] + 0.2
     # Fitted at all: in range, RMSE within 50% of the noise floor.
     assert flax["ensemble"]["in range"]["rmse"] < 1.5 * out["scores"]["oracle"]["in range"]["rmse"]
 

@@ -1,19 +1,15 @@
 """The logistic-regression tutorial runs end to end (--quick) and recovers the posterior."""
 
 import math
-import pathlib
-import runpy
 
+from conftest import run_tutorial
 import numpy as np
 import pytest
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "logistic_regression.py"
 
 
 @pytest.mark.slow
 def test_logistic_regression_tutorial_quick(tmp_path, capsys):
-    namespace = runpy.run_path(str(SCRIPT), run_name="not_main")
-    out = namespace["main"](["--quick", "--out-dir", str(tmp_path)])
+    out = run_tutorial("logistic_regression", "--out-dir", str(tmp_path))
     printed = capsys.readouterr().out
 
     # Every member's first epoch uses every point exactly once.
@@ -27,8 +23,12 @@ def test_logistic_regression_tutorial_quick(tmp_path, capsys):
     # Both posteriors cover the truth: means within 4 reference sds of the true coefficients.
     assert out["errors"]["ref"]["max_z_truth"] < 4.0
     assert out["errors"]["svi"]["max_z_truth"] < 4.0
-    # The ELBO approaches the (Laplace) log evidence from below.
-    assert out["log_evidence"] - 25.0 < out["final_elbo"] < out["log_evidence"] + 5.0
+    # The ELBO is a lower bound of the log evidence (Laplace, accurate at this N): the
+    # estimate is below it up to its standard error, and close to it (a small KL(q || p)).
+    se = out["final_elbo_se"]
+    assert 0 < se < 10.0, se
+    assert out["final_elbo"] < out["log_evidence"] + 3 * se
+    assert out["final_elbo"] > out["log_evidence"] - 25.0
     # Predictions as good as the true coefficients'.
     scores = out["scores"]
     assert scores["svi"]["accuracy"] > 0.75
