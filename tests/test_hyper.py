@@ -81,7 +81,7 @@ def test_kl_weight_and_learning_rate_per_member_equal_scalar_runs():
 def test_wrong_lengths_are_clear_errors():
     with pytest.raises(ValueError, match=r"prior_weight must be a finite number >= 0 or an \(E,\) array"):
         EnsembleMAP(model, optax.adam(0.05), ensemble_size=2, prior_weight=jnp.array([1.0, -1.0]))
-    with pytest.raises(ValueError, match=r"kl_weight has 3 values \(shape \(3,\)\), but ensemble_size=2"):
+    with pytest.raises(ValueError, match=r"prior_weight has 3 values, but ensemble_size=2"):
         EnsembleMAP(model, optax.adam(0.05), ensemble_size=2, prior_weight=WEIGHTS[:3])
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=jnp.array([0.1, 0.2, 0.3]))
     with pytest.raises(ValueError, match="the optimizer's hyperparameter learning_rate has 3 values"):
