@@ -6,6 +6,7 @@ the argument and what was expected.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 import os
@@ -116,6 +117,32 @@ def check_ensemble(ensemble, caller: str) -> None:
         f"{caller} needs an EnsembleSVI or EnsembleMAP as its first argument, got "
         f"{type(ensemble).__name__}."
     )
+
+
+def check_discrete_sites(ensemble, info) -> None:
+    """Discrete latent sites under a continuous AutoGuide (NumPyro's own error there is
+    an ImportError asking for funsor): name the sites and the remedies."""
+    from numpyro.infer import TraceEnum_ELBO
+    from numpyro.infer.autoguide import AutoGuide
+
+    guide = ensemble.guide
+    if (
+        info.discrete
+        and isinstance(guide, AutoGuide)
+        and getattr(guide, "model", None) is ensemble.model
+        and not isinstance(ensemble.loss, TraceEnum_ELBO)
+        and importlib.util.find_spec("funsor") is None
+    ):
+        sites = list(info.discrete)
+        raise ValueError(
+            f"{type(ensemble).__name__}: the model has discrete latent sites {sites}, which "
+            f"{type(guide).__name__} (a continuous guide) cannot fit. Marginalise them "
+            f"out in the model (e.g. dist.MixtureSameFamily); or enumerate them with "
+            f"TraceEnum_ELBO (pip install funsor; mark them infer={{'enumerate': "
+            f"'parallel'}}); or hide them from the guide, e.g. "
+            f"{type(guide).__name__}(numpyro.handlers.block(model, hide={sites})), so "
+            f"the model draws them from their prior."
+        )
 
 
 def check_num_particles(loss) -> None:

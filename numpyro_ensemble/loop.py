@@ -32,6 +32,7 @@ from numpyro_ensemble.members import (
     partition,
     split_args,
 )
+from numpyro_ensemble.optim import grad_norms
 from numpyro_ensemble.sharding import put, put_args, shard_members
 from numpyro_ensemble.starts import identical_flags
 
@@ -167,7 +168,12 @@ class Programs:
                     member, (state, indices, member_dyn, hyperparams), member_shared,
                     **self._map_options,
                 )
-                state, losses, stop = stopping.apply(early_stopping, stop, state, new_state, losses)
+                norms = None
+                if early_stopping is not None and early_stopping.grad_tol is not None:
+                    norms = grad_norms(new_state.optim_state)
+                state, losses, stop = stopping.apply(
+                    early_stopping, stop, state, new_state, losses, norms
+                )
                 return (state, stream, stop), losses
 
             (state, stream, stop), losses = lax.scan(

@@ -11,6 +11,7 @@ from numpyro.infer.autoguide import AutoDelta
 from numpyro.infer.initialization import init_to_median, init_to_uniform
 from numpyro.infer.svi import SVIState
 
+from numpyro_ensemble import optim as optim_module
 from numpyro_ensemble._checks import check_params_tree, check_positive_int, check_weight
 from numpyro_ensemble.elbo import TemperedTrace_ELBO
 from numpyro_ensemble.inspection import ModelInfo, signature
@@ -90,9 +91,21 @@ class EnsembleMAP(EnsembleSVI):
         >>> bool(jnp.allclose(points["mu"], 2.25, atol=1e-3))
         True
 
+    The model is the only input: without ``optim`` the optimizer is chosen from the
+    model when it is first run. On full data it is L-BFGS (``optax.lbfgs()``, a zoom
+    linesearch; each member gets its own loss, gradient and linesearch, see
+    :mod:`numpyro_ensemble.optim`), and ``run`` stops a member once its gradient
+    norm is below ``1e-5`` or its loss has not decreased for 10 steps (pass
+    ``early_stopping=`` to change that). With subsampled plates (mini-batches, where
+    a linesearch cannot work) it is Adam at ``0.01`` with the step halved whenever
+    the loss averaged over 100 steps stops improving (``optax.contrib.reduce_on_plateau``,
+    at most six times). An ``optim`` given always wins.
+
     :param model: Python callable with NumPyro primitives; its latent sites must
         be continuous.
-    :param optim: a ``numpyro.optim`` optimizer or an ``optax.GradientTransformation``.
+    :param optim: a ``numpyro.optim`` optimizer or an ``optax.GradientTransformation``,
+        linesearch methods such as ``optax.lbfgs()`` included; default: chosen from
+        the model (above).
     :param int ensemble_size: ``E``, the number of independent fits (>= 1).
     :param float prior_weight: :math:`w \ge 0`, the weight on the log prior.
     :param init_loc_fn: per-site init strategy (see :ref:`init_strategy`); it is
@@ -107,7 +120,7 @@ class EnsembleMAP(EnsembleSVI):
     def __init__(
         self,
         model,
-        optim,
+        optim=None,
         *,
         ensemble_size: int,
         prior_weight: float = 1.0,
@@ -124,10 +137,11 @@ class EnsembleMAP(EnsembleSVI):
                 f"init_to_uniform(radius=1.0), got {init_loc_fn!r}."
             )
         self._init_loc_fn = init_loc_fn
+        self._default_optim = optim is None
         super().__init__(
             model,
             AutoDelta(model, init_loc_fn=init_loc_fn),
-            optim,
+            optim_module.DEFAULT_FULL_DATA if optim is None else optim,
             TemperedTrace_ELBO(kl_weight=self.prior_weight),
             ensemble_size=ensemble_size,
             **static_kwargs,
@@ -150,6 +164,9 @@ class EnsembleMAP(EnsembleSVI):
 
     def _inspect(self, split: SplitArgs) -> ModelInfo:
         info = super()._inspect(split)
+        if getattr(self, "_default_optim", False):
+            self._default_optim = False  # chosen once: the compiled programs depend on it
+            self._choose_optimizer(info)
         key = (self._init_loc_fn, signature(self.model, split, self.static_kwargs))
         try:
             guide = _guides.get(key)
@@ -165,6 +182,16 @@ class EnsembleMAP(EnsembleSVI):
         if guide is not self.guide:
             self.guide, self.constrain_fn = guide, None
         return info
+
+    def _choose_optimizer(self, info: ModelInfo):
+        """The default optimizer for this model: L-BFGS on full data, Adam with a
+        plateau schedule with mini-batches."""
+        if info.plates:
+            optim = optim_module.DEFAULT_MINI_BATCH
+            self.optim = optim_module.as_numpyro(optim)
+            self._optim_arg = optim
+        else:
+            self._default_early_stopping = optim_module.DEFAULT_FULL_DATA_STOPPING
 
     def get_points(self, params_or_state: dict | SVIState) -> dict:
         """

@@ -17,6 +17,11 @@ applied) has exactly the state of a plain run of :math:`s` steps, and its losses
 from step :math:`s` on repeat its last loss. The other members go on; ``run``
 returns early, between scanned chunks, once every member has stopped. A
 non-finite loss never counts as an improvement.
+
+With ``grad_tol`` (for optimizers that keep the gradient, such as ``optax.lbfgs()``,
+whose linesearch stores the gradient at the params it moved to), a member also
+stops after a step that leaves the norm of its gradient (over all unconstrained
+params) at most ``grad_tol``: it has converged to a stationary point.
 """
 
 from __future__ import annotations
@@ -33,33 +38,58 @@ __all__ = ["EarlyStopping"]
 
 class EarlyStopping(NamedTuple):
     """Stop a member once its smoothed loss has not improved by ``min_delta`` for
-    ``patience`` steps (see :mod:`numpyro_ensemble.stopping`). Pass it as
+    ``patience`` steps, or (with ``grad_tol``) once its gradient norm is at most
+    ``grad_tol`` (see :mod:`numpyro_ensemble.stopping`). Pass it as
     ``run(..., early_stopping=EarlyStopping(patience=200))``."""
 
-    patience: int
-    """Steps without improvement before a member stops (>= 1)."""
+    patience: int | None = None
+    """Steps without improvement before a member stops (>= 1); None: no loss rule."""
     min_delta: float = 0.0
     """The smallest decrease of the smoothed loss that counts as an improvement (>= 0)."""
     smoothing: float = 0.9
     """Weight :math:`\\alpha` of the past in the moving average of the loss, in [0, 1)."""
+    grad_tol: float | None = None
+    """Stop a member whose gradient norm is at most this (> 0), for optimizers that keep
+    the gradient in their state (a linesearch: ``optax.lbfgs()``); None: no gradient rule."""
 
     def check(self) -> EarlyStopping:
-        if isinstance(self.patience, bool) or not isinstance(self.patience, numbers.Integral) or self.patience < 1:
-            raise ValueError(f"EarlyStopping.patience must be an int >= 1, got {self.patience!r}.")
+        patience, grad_tol = self.patience, self.grad_tol
+        if patience is None and grad_tol is None:
+            raise ValueError("EarlyStopping needs patience=... (a loss rule), grad_tol=... or both.")
+        if patience is not None and (
+            isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 1
+        ):
+            raise ValueError(f"EarlyStopping.patience must be an int >= 1, got {patience!r}.")
         if not isinstance(self.min_delta, numbers.Real) or not 0 <= self.min_delta < float("inf"):
             raise ValueError(f"EarlyStopping.min_delta must be a finite number >= 0, got {self.min_delta!r}.")
         if not isinstance(self.smoothing, numbers.Real) or not 0 <= self.smoothing < 1:
             raise ValueError(f"EarlyStopping.smoothing must be in [0, 1), got {self.smoothing!r}.")
-        return EarlyStopping(int(self.patience), float(self.min_delta), float(self.smoothing))
+        if grad_tol is not None and (
+            not isinstance(grad_tol, numbers.Real) or not 0 < grad_tol < float("inf")
+        ):
+            raise ValueError(f"EarlyStopping.grad_tol must be a finite number > 0, got {grad_tol!r}.")
+        return EarlyStopping(
+            None if patience is None else int(patience), float(self.min_delta),
+            float(self.smoothing), None if grad_tol is None else float(grad_tol),
+        )
 
 
-def check_rule(rule) -> EarlyStopping | None:
-    """``run``'s ``early_stopping``: None or a checked :class:`EarlyStopping`."""
+def check_rule(rule, keeps_gradient: bool = False) -> EarlyStopping | None:
+    """``run``'s ``early_stopping``: None or a checked :class:`EarlyStopping`
+    (``grad_tol`` only where the optimizer ``keeps_gradient``)."""
     if rule is None:
         return None
     if not isinstance(rule, EarlyStopping):
-        raise TypeError(f"early_stopping must be an EarlyStopping(patience=...), got {type(rule).__name__}.")
-    return rule.check()
+        raise TypeError(
+            f"early_stopping must be an EarlyStopping(patience=...), got {type(rule).__name__}."
+        )
+    rule = rule.check()
+    if rule.grad_tol is not None and not keeps_gradient:
+        raise ValueError(
+            "EarlyStopping(grad_tol=...) needs an optimizer that keeps each member's gradient "
+            "in its state: an optax linesearch such as optax.lbfgs()."
+        )
+    return rule
 
 
 class StopState(NamedTuple):
@@ -96,9 +126,11 @@ def _keep(stopped, old, new):
     return jax.tree.map(one, old, new)
 
 
-def apply(rule: EarlyStopping | None, stop: StopState, old_state, new_state, losses):
+def apply(rule: EarlyStopping | None, stop: StopState, old_state, new_state, losses,
+          grad_norms=None):
     """One step of the rule: stopped members keep ``old_state`` and report their last
-    loss; the others take ``new_state``, and may stop after it."""
+    loss; the others take ``new_state``, and may stop after it (``grad_norms``: the
+    members' gradient norms at ``new_state``, for ``grad_tol``)."""
     losses = losses.astype(stop.last_loss.dtype)
     if rule is None:
         return new_state, losses, stop._replace(taken=stop.taken + 1, last_loss=losses)
@@ -110,7 +142,11 @@ def apply(rule: EarlyStopping | None, stop: StopState, old_state, new_state, los
     improved = jnp.isfinite(smoothed) & (smoothed < stop.best - rule.min_delta)
     best = jnp.where(improved, smoothed, stop.best)
     wait = jnp.where(improved, 0, stop.wait + 1)
-    stopped = stop.stopped | (wait >= rule.patience)
+    stopped = stop.stopped
+    if rule.patience is not None:
+        stopped = stopped | (wait >= rule.patience)
+    if rule.grad_tol is not None:
+        stopped = stopped | (grad_norms <= rule.grad_tol)
     new = StopState(
         taken=stop.taken + running.astype(jnp.int32),
         stopped=stopped,

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from functools import partial
-import importlib.util
 
 from jax import random
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from numpyro.handlers import substitute
-from numpyro.infer import TraceEnum_ELBO
-from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
 from numpyro_ensemble import batching, hyper, loop, starts, stopping
+from numpyro_ensemble import optim as optim_module
 from numpyro_ensemble._checks import (
+    check_discrete_sites,
     check_init_values,
     check_instance,
     check_key,
@@ -140,7 +139,7 @@ class EnsembleSVI(SVI):
         check_instance(loss, "loss", "Trace_ELBO()", "loss")
         check_num_particles(loss)
         try:
-            super().__init__(model, guide, optim, loss, **static_kwargs)
+            super().__init__(model, guide, optim_module.as_numpyro(optim), loss, **static_kwargs)
         except TypeError as err:
             raise TypeError(
                 f"optim must be a numpyro.optim optimizer, a jax.example_libraries "
@@ -155,6 +154,7 @@ class EnsembleSVI(SVI):
         self._guide_template = guide_template(guide)
         self._warned_identical = False
         self._extra_fields = None
+        self._default_early_stopping = None  # run's rule when it is given none
 
     # -- what happened in the last run ----------------------------------------------
 
@@ -239,25 +239,12 @@ class EnsembleSVI(SVI):
 
     def _validate_model(self, info: ModelInfo):
         """Check the model before anything is compiled (subclasses add their own checks)."""
-        guide = self.guide
-        if (
-            info.discrete
-            and isinstance(guide, AutoGuide)
-            and getattr(guide, "model", None) is self.model
-            and not isinstance(self.loss, TraceEnum_ELBO)
-            and importlib.util.find_spec("funsor") is None
-        ):
-            # NumPyro's own error here is an ImportError asking for funsor.
-            sites = list(info.discrete)
-            raise ValueError(
-                f"{type(self).__name__}: the model has discrete latent sites {sites}, which "
-                f"{type(guide).__name__} (a continuous guide) cannot fit. Marginalise them "
-                f"out in the model (e.g. dist.MixtureSameFamily); or enumerate them with "
-                f"TraceEnum_ELBO (pip install funsor; mark them infer={{'enumerate': "
-                f"'parallel'}}); or hide them from the guide, e.g. "
-                f"{type(guide).__name__}(numpyro.handlers.block(model, hide={sites})), so "
-                f"the model draws them from their prior."
-            )
+        check_discrete_sites(self, info)
+
+    def _check_optimizer(self, info: ModelInfo, args, kwargs):
+        """A linesearch optimizer needs a deterministic loss (after the guide's set-up)."""
+        if isinstance(self.optim, optim_module.LinesearchOptim):
+            optim_module.check_deterministic(self, info, args, kwargs)
 
     def _check_state(self, svi_state, name):
         check_state(svi_state, name, self.ensemble_size, type(self).__name__)
@@ -290,12 +277,13 @@ class EnsembleSVI(SVI):
         """
         check_key(rng_key)
         split = self._split(args, kwargs)
-        self._inspect(split)
+        info = self._inspect(split)
         if isinstance(init_params, dict):
             check_init_values(init_params)
         keys = self.member_keys(rng_key)
         progs = loop.programs(self)
         reference = starts.set_up(self, keys[0], args, kwargs, progs, init_params is not None)
+        self._check_optimizer(info, args, kwargs)
         shared_names = ()
         if init_params is not None:
             init_params, shared_names = starts.member_init_params(
@@ -454,10 +442,15 @@ class EnsembleSVI(SVI):
         """
         check_key(rng_key)
         num_steps = check_positive_int(num_steps, "num_steps")
-        early_stopping = stopping.check_rule(early_stopping)
         checkpoint_every = check_checkpointing(checkpoint_path, checkpoint_every, num_steps)
         split = self._split(args, kwargs)
-        self._inspect(split)
+        self._inspect(split)  # (EnsembleMAP picks its default optimizer here)
+        early_stopping = stopping.check_rule(
+            getattr(self, "_default_early_stopping", None)
+            if early_stopping is None
+            else early_stopping,
+            keeps_gradient=isinstance(self.optim, optim_module.LinesearchOptim),
+        )
         progs = loop.programs(self)
         if init_state is None:
             svi_state = self.init(rng_key, *args, init_params=init_params, **kwargs)
@@ -465,6 +458,7 @@ class EnsembleSVI(SVI):
             self._check_state(init_state, "init_state")
             # A new object resuming a saved state sets up the guide first.
             starts.set_up(self, rng_key, args, kwargs, progs, need_reference=False)
+            self._check_optimizer(self._inspect(split), args, kwargs)
             check_state_params(self.optim.get_params(init_state.optim_state), self.constrain_fn)
             svi_state = put(init_state, self.mesh, True)
         svi_state, losses, stop = loop.run_steps(

@@ -129,6 +129,31 @@ def test_weights_draws_and_export_in_float64():
                                np.asarray(w.member_weights))
 
 
+@cases
+def test_lbfgs_finds_the_mode_of_an_ill_conditioned_regression():
+    # An unscaled predictor: the posterior correlation of intercept and slope is -0.99999,
+    # where Adam crawls along the ridge. The default EnsembleMAP optimizer is L-BFGS.
+    x = jnp.linspace(1000.0, 1010.0, 50)
+    y = 2.0 + 0.3 * (x - 1005.0) + 0.5 * random.normal(random.key(0), (50,))
+
+    def regression(x, y=None):
+        a = numpyro.sample("a", dist.Normal(0.0, 100.0))
+        b = numpyro.sample("b", dist.Normal(0.0, 100.0))
+        with numpyro.plate("n", x.shape[0]):
+            numpyro.sample("y", dist.Normal(a + b * x, 0.5), obs=y)
+
+    design = jnp.stack([jnp.ones_like(x), x], axis=1)
+    covariance = jnp.linalg.inv(design.T @ design / 0.25 + jnp.eye(2) / 100.0**2)
+    mode = covariance @ (design.T @ y / 0.25)
+    assert covariance[0, 1] / jnp.sqrt(covariance[0, 0] * covariance[1, 1]) < -0.9999
+    ens = EnsembleMAP(regression, ensemble_size=4)
+    result = ens.run(random.key(1), 1000, x, y, progress_bar=False)
+    assert (np.asarray(ens.get_extra_fields()["stopped_at"]) <= 200).all()
+    points = ens.get_points(result.params)
+    np.testing.assert_allclose(points["a"], mode[0], rtol=1e-4)
+    np.testing.assert_allclose(points["b"], mode[1], rtol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(X64, reason="this is the float64 run itself")
 def test_float64_suite():
@@ -140,4 +165,4 @@ def test_float64_suite():
         cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
-    assert "4 passed" in out.stdout and "skipped" in out.stdout  # the cases ran, the driver not
+    assert "5 passed" in out.stdout and "skipped" in out.stdout  # the cases ran, the driver not
