@@ -8,6 +8,7 @@ import numpy as np
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.svi import SVIRunResult
 
+from numpyro_ensemble import laplace
 from numpyro_ensemble._checks import check_ensemble, check_key
 from numpyro_ensemble.health import finite_members
 from numpyro_ensemble.members import has_per_member
@@ -117,6 +118,7 @@ def to_arviz(
     """
     check_ensemble(ensemble, "to_arviz")
     check_key(rng_key)
+    ensemble, result = laplace.resolve_result(ensemble, result, args, kwargs)
     if has_per_member((args, kwargs)):
         raise ValueError(
             "to_arviz: the data differ between members (per_member), but ArviZ's "

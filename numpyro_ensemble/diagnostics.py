@@ -19,6 +19,7 @@ from numpyro.infer.svi import SVIRunResult
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
+from numpyro_ensemble import laplace
 from numpyro_ensemble._checks import check_ensemble, check_key, check_positive_int
 from numpyro_ensemble.health import finite_members, usable_params
 from numpyro_ensemble.importance import importance_weights
@@ -180,6 +181,7 @@ def ensemble_summary(
     """
     check_ensemble(ensemble, "ensemble_summary")
     check_key(rng_key)
+    ensemble, result = laplace.resolve_result(ensemble, result, args, kwargs)
     num_samples = check_positive_int(num_samples, "num_samples")
     params, losses = result, None
     if isinstance(result, SVIRunResult):

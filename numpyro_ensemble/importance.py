@@ -25,6 +25,7 @@ import numpy as np
 from numpyro.handlers import substitute
 from numpyro.infer.util import log_density
 
+from numpyro_ensemble import laplace
 from numpyro_ensemble._checks import check_ensemble, check_key, check_positive_int, warn
 from numpyro_ensemble.health import usable_params
 from numpyro_ensemble.members import has_per_member, map_members, merge_args
@@ -114,6 +115,7 @@ def importance_weights(
     """
     check_ensemble(ensemble, "importance_weights")
     check_key(rng_key)
+    ensemble, params = laplace.resolve(ensemble, params, args, kwargs)
     num_samples, safe, sites = checked_inputs(
         ensemble, params, args, kwargs, num_samples, "importance_weights",
         "so the members fit different posteriors; weight the members of one data set.",

@@ -10,6 +10,7 @@ from jaxtyping import PRNGKeyArray
 import numpy as np
 from numpyro.infer.util import unconstrain_fn
 
+from numpyro_ensemble import laplace
 from numpyro_ensemble._checks import check_ensemble, check_key, check_positive_int
 from numpyro_ensemble.health import finite_members
 from numpyro_ensemble.members import has_per_member
@@ -82,6 +83,7 @@ def mcmc_init_params(
     """
     check_ensemble(ensemble, "mcmc_init_params")
     check_key(rng_key)
+    ensemble, params = laplace.resolve(ensemble, params, args, kwargs)
     if has_per_member((args, kwargs)):
         raise ValueError(
             "mcmc_init_params: the data differ between members (per_member), but MCMC "

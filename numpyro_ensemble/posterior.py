@@ -19,6 +19,7 @@ from numpyro.infer import Predictive, log_likelihood
 from numpyro.infer.svi import SVIRunResult
 from numpyro.primitives import Messenger
 
+from numpyro_ensemble import laplace
 from numpyro_ensemble._checks import (
     check_ensemble,
     check_key,
@@ -168,6 +169,7 @@ def sample_posterior(
     """
     check_ensemble(ensemble, "sample_posterior")
     check_key(rng_key)
+    ensemble, params = laplace.resolve(ensemble, params, args, kwargs)
     num_samples = check_positive_int(num_samples, "num_samples")
     _check_params(ensemble, params)
     E = ensemble.ensemble_size
@@ -262,6 +264,8 @@ def ensemble_predictive(
     """
     check_ensemble(ensemble, "ensemble_predictive")
     check_key(rng_key)
+    if posterior_samples is None:  # Laplace members: args may be new inputs, not the data
+        ensemble, params = laplace.resolve(ensemble, params, args, kwargs, with_data=False)
     post_key, pred_key = random.split(rng_key)
     model = _unobserved(ensemble.model) if resample_observed else ensemble.model
     return_sites = None if return_sites is None else list(return_sites)

@@ -24,6 +24,7 @@ from numpyro.handlers import seed, substitute, trace
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
+from numpyro_ensemble import laplace
 from numpyro_ensemble._checks import check_ensemble, check_key
 from numpyro_ensemble.importance import checked_inputs, full_data
 from numpyro_ensemble.posterior import draw_guides, model_params, pointwise_log_likelihoods
@@ -108,6 +109,7 @@ def stacking_weights(
     """
     check_ensemble(ensemble, "stacking_weights")
     check_key(rng_key)
+    ensemble, params = laplace.resolve(ensemble, params, args, kwargs)
     num_samples, _, sites = checked_inputs(
         ensemble, params, args, kwargs, num_samples, "stacking_weights",
         "but stacking scores every member on the same observations; stack the members "

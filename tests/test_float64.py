@@ -29,6 +29,7 @@ from numpyro_ensemble import (
     EnsembleMAP,
     EnsembleSVI,
     importance_weights,
+    laplace_members,
     load_checkpoint,
     sample_posterior,
     stacking_weights,
@@ -152,6 +153,12 @@ def test_lbfgs_finds_the_mode_of_an_ill_conditioned_regression():
     points = ens.get_points(result.params)
     np.testing.assert_allclose(points["a"], mode[0], rtol=1e-4)
     np.testing.assert_allclose(points["b"], mode[1], rtol=1e-4)
+    # the posterior is Gaussian, so the Laplace members are the posterior itself
+    _, laplace_params = laplace_members(ens, result.params, x, y)
+    for e in range(4):
+        np.testing.assert_allclose(laplace_params["auto_loc"][e], mode, rtol=1e-4)
+        L = laplace_params["auto_scale_tril"][e]
+        np.testing.assert_allclose(L @ L.T, covariance, rtol=1e-4)
 
 
 @pytest.mark.slow

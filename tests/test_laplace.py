@@ -1,0 +1,151 @@
+"""Laplace members: the Laplace approximation around every member's point, used
+wherever a fitted ensemble is; AutoLaplaceApproximation members; warm starts."""
+
+import warnings
+
+from jax import random
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.infer import Trace_ELBO
+from numpyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
+import optax
+import pytest
+
+from numpyro_ensemble import (
+    EnsembleMAP,
+    EnsembleSVI,
+    ensemble_predictive,
+    ensemble_summary,
+    importance_weights,
+    laplace_members,
+    mcmc_init_params,
+    sample_posterior,
+    stacking_weights,
+    take_member,
+    to_arviz,
+)
+
+X = jnp.linspace(4.0, 6.0, 30)  # off-centre inputs: intercept and slope correlate at -0.99
+Y = 1.0 + 0.5 * X + 0.3 * random.normal(random.key(0), (30,))
+NOISE, PRIOR_SD = 0.3, 10.0
+
+
+def regression(x, y=None):
+    a = numpyro.sample("a", dist.Normal(0.0, PRIOR_SD))
+    b = numpyro.sample("b", dist.Normal(0.0, PRIOR_SD))
+    with numpyro.plate("n", x.shape[0]):
+        numpyro.sample("y", dist.Normal(a + b * x, NOISE), obs=y)
+
+
+def analytic_posterior():
+    design = np.stack([np.ones(30), np.asarray(X)], axis=1)
+    precision = design.T @ design / NOISE**2 + np.eye(2) / PRIOR_SD**2
+    covariance = np.linalg.inv(precision)
+    return covariance @ design.T @ np.asarray(Y) / NOISE**2, covariance
+
+
+def test_the_laplace_mixture_of_a_gaussian_posterior_is_that_posterior():
+    mean, covariance = analytic_posterior()
+    assert covariance[0, 1] / np.sqrt(covariance[0, 0] * covariance[1, 1]) < -0.99
+    ens = EnsembleMAP(regression, ensemble_size=3)
+    result = ens.run(random.key(0), 300, X, Y, progress_bar=False)
+    laplace, params = laplace_members(ens, result.params, X, Y)
+    assert isinstance(laplace.guide, AutoMultivariateNormal)
+    assert params["auto_loc"].shape == (3, 2) and params["auto_scale_tril"].shape == (3, 2, 2)
+    for e in range(3):  # the latent vector is (a, b): both unconstrained
+        np.testing.assert_allclose(params["auto_loc"][e], mean, rtol=1e-3)
+        L = np.asarray(params["auto_scale_tril"][e], np.float64)
+        np.testing.assert_allclose(L @ L.T, covariance, rtol=2e-2)
+    weights = importance_weights(laplace, random.key(1), params, X, Y, num_samples=2000)
+    assert weights.pareto_k < 0.5
+    np.testing.assert_allclose(weights.member_weights, 1 / 3, atol=0.05)
+    draws = sample_posterior(laplace, random.key(2), params, X, Y, weights=weights)
+    pooled = np.stack([draws["a"], draws["b"]], axis=1)
+    sd = np.sqrt(np.diag(covariance))
+    np.testing.assert_allclose(pooled.mean(0), mean, atol=0.05 * sd.max())
+    np.testing.assert_allclose(pooled.std(0), sd, rtol=0.05)
+
+
+def scale_model(y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(2.0))  # a constrained site
+    with numpyro.plate("n", y.shape[0]):
+        numpyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+
+SCALE_Y = 1.0 + 0.7 * random.normal(random.key(3), (25,))
+
+
+def test_autolaplace_members_draw_from_their_own_laplace_approximation():
+    guide = AutoLaplaceApproximation(scale_model)
+    svi = EnsembleSVI(scale_model, guide, optax.lbfgs(), Trace_ELBO(), ensemble_size=3)
+    result = svi.run(random.key(0), 60, SCALE_Y, progress_bar=False)
+    # move member 2 off the mode, so the members' Hessians differ
+    params = {**result.params, "auto_loc": result.params["auto_loc"].at[2].add(0.3)}
+    laplace, laplace_params = laplace_members(svi, params, SCALE_Y)
+    draws = sample_posterior(svi, random.key(1), params, SCALE_Y, num_samples=4000)
+    for e in range(3):  # NumPyro's own Laplace approximation of member e
+        member = take_member(params, e)
+        transform = guide.get_transform(member)
+        np.testing.assert_allclose(laplace_params["auto_scale_tril"][e], transform.scale_tril,
+                                   rtol=1e-3, atol=1e-6)
+        plain = guide.sample_posterior(random.key(5), member, sample_shape=(4000,))
+        for name in ("mu", "sigma"):
+            assert float(draws[name][e].std()) > 0.02  # a spread, not the point
+            np.testing.assert_allclose(draws[name][e].mean(), plain[name].mean(), atol=0.01)
+            np.testing.assert_allclose(draws[name][e].std(), plain[name].std(), rtol=0.06)
+    assert float(jnp.abs(draws["mu"][2].mean() - draws["mu"][0].mean())) > 0.1
+
+    # every function that draws uses them
+    weights = importance_weights(svi, random.key(2), params, SCALE_Y, num_samples=200)
+    assert 0.0 < float(weights.member_weights[2]) < float(weights.member_weights[0])
+    assert stacking_weights(svi, random.key(2), params, SCALE_Y, num_samples=50).pointwise.shape == (3, 25)
+    predicted = ensemble_predictive(svi, random.key(3), params, SCALE_Y[:4], num_samples=5,
+                                    resample_observed=True)
+    assert predicted["y"].shape == (3, 5, 4) and float(predicted["y"].std()) > 0
+    idata = to_arviz(svi, random.key(4), params, SCALE_Y, num_samples=20)
+    assert float(idata["posterior"]["mu"].std(dim="draw").min()) > 0.02
+    starts = mcmc_init_params(svi, random.key(5), params, SCALE_Y, num_chains=3)
+    assert len(np.unique(np.asarray(starts["mu"]))) == 3
+    summary = ensemble_summary(svi, random.key(6), result._replace(params=params), SCALE_Y)
+    assert summary.weight_kind == "importance" and np.isfinite(summary.r_hat)
+
+
+def two_modes():
+    mix = dist.MixtureSameFamily(dist.Categorical(jnp.array([0.5, 0.5])),
+                                 dist.Normal(jnp.array([-3.0, 3.0]), 1.0))
+    numpyro.sample("x", mix)
+
+
+def test_a_member_whose_hessian_is_not_positive_definite_is_flagged_and_excluded():
+    ens = EnsembleMAP(two_modes, optax.adam(0.01), ensemble_size=3)
+    params = ens.get_params(ens.init(random.key(0), init_params={"x": jnp.array([-3.0, 0.0, 3.0])}))
+    with pytest.warns(RuntimeWarning, match=r"members \[1\] of 3 have a Hessian that is not "
+                                            r"positive definite"):
+        laplace, laplace_params = laplace_members(ens, params)
+    assert np.isnan(np.asarray(laplace_params["auto_loc"][1])).all()
+    np.testing.assert_allclose(np.asarray(laplace_params["auto_loc"])[[0, 2], 0], [-3.0, 3.0], atol=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the excluded member, named again
+        weights = importance_weights(laplace, random.key(1), laplace_params, num_samples=500)
+    assert weights.member_weights[1] == 0
+    np.testing.assert_allclose(np.asarray(weights.member_weights)[[0, 2]], 0.5, atol=0.05)
+
+
+@pytest.mark.filterwarnings("ignore::numpyro_ensemble.IdenticalMembersWarning")  # one mode
+def test_a_variational_fit_starts_at_the_laplace_members():
+    ens = EnsembleMAP(scale_model, ensemble_size=2)
+    result = ens.run(random.key(0), 200, SCALE_Y, progress_bar=False)
+    laplace, laplace_params = laplace_members(ens, result.params, SCALE_Y)
+    svi = EnsembleSVI(scale_model, AutoMultivariateNormal(scale_model), optax.adam(1e-3),
+                      Trace_ELBO(), ensemble_size=2)
+    start = svi.get_params(svi.init(random.key(1), SCALE_Y, init_params=laplace_params))
+    for name in ("auto_loc", "auto_scale_tril"):
+        np.testing.assert_allclose(start[name], laplace_params[name], rtol=1e-5, atol=1e-7)
+    fitted = svi.run(random.key(1), 100, SCALE_Y, progress_bar=False, init_params=laplace_params)
+    assert np.isfinite(np.asarray(fitted.losses)).all()
+    # the returned ensemble itself runs from there too
+    more = laplace.run(random.key(2), 20, SCALE_Y, progress_bar=False, init_params=laplace_params)
+    assert more.params["auto_scale_tril"].shape == (2, 2, 2)
