@@ -43,6 +43,9 @@ class EnsembleSummary(NamedTuple):
     clearly negative: still improving, more steps would help."""
     diverged: np.ndarray
     """``(E,)`` a non-finite loss at any step, or non-finite params."""
+    converged: np.ndarray | None
+    """``(E,)`` the member's loss has stopped falling (see :func:`ensemble_summary`);
+    None without the losses (params passed instead of ``run``'s result)."""
     weight: np.ndarray
     """``(E,)`` the member weights used (importance, stacking or given)."""
     weight_kind: str
@@ -51,7 +54,8 @@ class EnsembleSummary(NamedTuple):
     """``(E,)`` distance to the nearest other member, in posterior sds (SVI) or
     relative units (points); see :func:`ensemble_summary`."""
     mode: np.ndarray
-    """``(E,)`` mode label (members closer than 1 are in one mode; -1: diverged)."""
+    """``(E,)`` mode label among the converged members (members closer than 1 are in
+    one mode; -1: diverged or not converged)."""
     num_modes: int
     r_hat: float
     """Largest split R-hat over all latent coordinates, members as chains (NaN for points)."""
@@ -62,14 +66,15 @@ class EnsembleSummary(NamedTuple):
     verdict: str
 
     def __str__(self) -> str:
-        head = f"{'member':>8} {'final loss':>12} {'trend':>10} {'diverged':>9} "
+        head = f"{'member':>8} {'final loss':>12} {'trend':>10} {'converged':>10} {'diverged':>9} "
         head += f"{self.weight_kind + ' w':>14} {'nearest':>9} {'mode':>5}"
         lines = [head]
         for e in range(self.final_loss.shape[0]):
+            converged = "?" if self.converged is None else "yes" if self.converged[e] else "no"
             lines.append(
                 f"{e:>8} {self.final_loss[e]:>12.4g} {self.loss_trend[e]:>10.3g} "
-                f"{'yes' if self.diverged[e] else 'no':>9} {self.weight[e]:>14.3f} "
-                f"{self.nearest[e]:>9.3g} {self.mode[e]:>5}"
+                f"{converged:>10} {'yes' if self.diverged[e] else 'no':>9} "
+                f"{self.weight[e]:>14.3f} {self.nearest[e]:>9.3g} {self.mode[e]:>5}"
             )
         lines.append("")
         lines.append(
@@ -80,16 +85,34 @@ class EnsembleSummary(NamedTuple):
         return "\n".join(lines)
 
 
-def _trend(losses: np.ndarray) -> np.ndarray:
-    """Least-squares change of each row over its last 10% of steps (NaN if too short)."""
-    T = losses.shape[1]
-    window = max(T // 10, 2)
-    if T < 2:
-        return np.full(losses.shape[0], np.nan)
-    tail = losses[:, -window:]
-    t = np.arange(tail.shape[1]) - (tail.shape[1] - 1) / 2
+# A member whose loss still falls by more than this (in nats) over the last 10% of
+# its steps, and by more than twice the standard error of that fall, has not converged.
+# (For a point, a loss 0.05 above the optimum is about 0.3 posterior sds away from it.)
+CONVERGENCE_TOLERANCE = 0.05
+
+
+def _trend(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares change of each row over its last 10% of steps (at least 10), and
+    the standard error of that change from the scatter around the line (NaN if too short)."""
+    E, T = losses.shape
+    if T < 10:
+        return np.full(E, np.nan), np.full(E, np.nan)
+    tail = losses[:, -max(T // 10, 10):]
+    n = tail.shape[1]
+    t = np.arange(n) - (n - 1) / 2
     slope = (tail * t).sum(axis=1) / (t * t).sum()
-    return slope * (tail.shape[1] - 1)
+    residual = tail - tail.mean(axis=1, keepdims=True) - slope[:, None] * t
+    scatter = np.sqrt((residual**2).sum(axis=1) / (n - 2))
+    return slope * (n - 1), scatter / np.sqrt((t * t).sum()) * (n - 1)
+
+
+def _converged(change: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """A member has converged unless its loss still falls, clearly (beyond twice the
+    standard error of the fall) and by more than ``CONVERGENCE_TOLERANCE``. Too few
+    steps to tell count as not converged."""
+    with np.errstate(invalid="ignore"):
+        falling = change < -np.maximum(2 * error, CONVERGENCE_TOLERANCE)
+    return ~falling & np.isfinite(change)
 
 
 def _modes(draws: dict, usable: np.ndarray, point: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -122,26 +145,45 @@ def _modes(draws: dict, usable: np.ndarray, point: bool) -> tuple[np.ndarray, np
     return nearest, mode
 
 
-def _verdict(diverged, num_modes, r_hat, pareto_k, weight_kind, weight) -> str:
+def _verdict(diverged, converged, num_modes, r_hat, pareto_k, weight_kind, weight) -> str:
+    """Causes in order: diverged members, members not converged (nothing about their
+    draws is trusted), then modes, spread and weights among the converged members."""
     parts = []
     if diverged.any():
         parts.append(f"members {np.flatnonzero(diverged).tolist()} diverged and are excluded")
+    waiting = np.zeros_like(diverged) if converged is None else ~diverged & ~converged
+    if waiting.any():
+        parts.append(
+            f"members {np.flatnonzero(waiting).tolist()} have not converged (their loss still "
+            f"falls over the last 10% of steps): do not use their draws yet; run more steps, "
+            f"or start from L-BFGS points (EnsembleMAP's default optimizer) or their Laplace "
+            f"approximations (laplace_members), or rescale the model's inputs"
+        )
+        if waiting.sum() == (~diverged).sum():
+            return "; ".join(parts) + "."
+    among = " among the converged members" if waiting.any() else ""
     if num_modes == 1 and (np.isnan(r_hat) or r_hat <= 1.01):
-        parts.append("the members agree (one mode)")
+        parts.append(f"the members agree (one mode{among})")
     elif num_modes > 1:
         parts.append(
-            f"{num_modes} distinct modes: pooled draws mix them, use the weights "
+            f"{num_modes} distinct modes{among}: pooled draws mix them, use the weights "
             f"(weights=) or look at the modes separately"
         )
     else:
         parts.append(f"one mode but r_hat {r_hat:.2f} > 1.01: members differ in spread")
     if weight_kind == "importance":
-        if pareto_k < 0.7:
-            parts.append(f"importance-weighted draws can be trusted (k {pareto_k:.2f} < 0.7)")
+        if waiting.any():
+            parts.append("recompute the importance weights once every member has converged")
+        elif pareto_k < 0.7:
+            trust = "can be trusted" if converged is not None else (
+                "can be trusted if the members have converged (pass run's result to check)"
+            )
+            parts.append(f"importance-weighted draws {trust} (k {pareto_k:.2f} < 0.7)")
         else:
             parts.append(
                 f"importance weights are unreliable (k {pareto_k:.2f} >= 0.7): the ensemble "
-                f"misses posterior mass, check against NUTS (mcmc_init_params)"
+                f"misses posterior mass (the guide's family does not fit): use a richer guide, "
+                f"or NUTS started from the members (mcmc_init_params)"
             )
     heavy = weight.max()
     if heavy > 0.9 and weight.size > 1:
@@ -223,7 +265,12 @@ def ensemble_summary(
     if isinstance(weights, ImportanceWeights):
         pareto_k = weights.pareto_k
     weight = np.where(diverged, 0.0, member_weights_of(weights, E))
-    nearest, mode = _modes(draws, usable, point)
+    change, error = (np.full(E, np.nan),) * 2 if losses is None else _trend(losses)
+    converged = None if losses is None else _converged(change, error)
+    counted = usable & ~diverged if converged is None else usable & ~diverged & converged
+    if not counted.any():
+        counted = usable  # nothing converged: the modes of all, for the table only
+    nearest, mode = _modes(draws, counted, point)
     mode[diverged] = -1
     r_hat = ess = np.nan
     if not point and usable.sum() > 1 and num_samples >= 4:
@@ -238,11 +285,11 @@ def ensemble_summary(
         ess = float(np.nanmin(effective_sample_size(chains)))
     num_modes = int(len(set(mode[mode >= 0].tolist())))
     final = np.full(E, np.nan) if losses is None else losses[:, -1]
-    trend = np.full(E, np.nan) if losses is None else _trend(losses)
     return EnsembleSummary(
         final_loss=final,
-        loss_trend=trend,
+        loss_trend=change,
         diverged=diverged,
+        converged=converged,
         weight=weight,
         weight_kind=kind,
         nearest=nearest,
@@ -251,5 +298,5 @@ def ensemble_summary(
         r_hat=r_hat,
         ess=ess,
         pareto_k=float(pareto_k),
-        verdict=_verdict(diverged, num_modes, r_hat, pareto_k, kind, weight),
+        verdict=_verdict(diverged, converged, num_modes, r_hat, pareto_k, kind, weight),
     )

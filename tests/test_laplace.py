@@ -149,3 +149,22 @@ def test_a_variational_fit_starts_at_the_laplace_members():
     # the returned ensemble itself runs from there too
     more = laplace.run(random.key(2), 20, SCALE_Y, progress_bar=False, init_params=laplace_params)
     assert more.params["auto_scale_tril"].shape == (2, 2, 2)
+
+
+def test_the_verdict_says_not_converged_for_a_short_adam_run_and_not_for_lbfgs():
+    from numpyro_ensemble import ensemble_summary as summarise
+
+    adam = EnsembleMAP(regression, optax.adam(0.01), ensemble_size=3)
+    short = adam.run(random.key(0), 300, X, Y, progress_bar=False)
+    summary = summarise(adam, random.key(1), short, X, Y)
+    assert summary.converged is not None and not summary.converged.any()
+    assert "have not converged" in summary.verdict and "do not use their draws" in summary.verdict
+    assert "distinct modes" not in summary.verdict and "trusted" not in summary.verdict
+    assert (summary.loss_trend < -0.5).all()  # the loss still falls by nats per window
+
+    lbfgs = EnsembleMAP(regression, ensemble_size=3)
+    done = lbfgs.run(random.key(0), 300, X, Y, progress_bar=False)
+    summary = summarise(lbfgs, random.key(1), done, X, Y)
+    assert summary.converged.all() and "not converged" not in summary.verdict
+    assert summary.num_modes == 1 and "agree" in summary.verdict
+    assert "converged" in str(summary).splitlines()[0]
