@@ -17,6 +17,7 @@ from numpyro_ensemble.stacking import stacking_weights
 from numpyro_ensemble.starts import IdenticalMembersWarning
 from numpyro_ensemble.stopping import EarlyStopping
 from numpyro_ensemble.svi import EnsembleSVI
+from numpyro_ensemble.warmstart import NUTSWarmStart, nuts_warm_start
 from numpyro_ensemble.weights import ImportanceWeights, StackingWeights
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "EnsembleSummary",
     "IdenticalMembersWarning",
     "ImportanceWeights",
+    "NUTSWarmStart",
     "StackingWeights",
     "TemperedTrace_ELBO",
     "concat_members",
@@ -39,6 +41,7 @@ __all__ = [
     "laplace_members",
     "load_checkpoint",
     "mcmc_init_params",
+    "nuts_warm_start",
     "per_member",
     "sample_posterior",
     "save_checkpoint",

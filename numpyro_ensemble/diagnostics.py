@@ -170,7 +170,10 @@ def _verdict(diverged, converged, num_modes, r_hat, pareto_k, weight_kind, weigh
             f"(weights=) or look at the modes separately"
         )
     else:
-        parts.append(f"one mode but r_hat {r_hat:.2f} > 1.01: members differ in spread")
+        parts.append(
+            f"one mode but r_hat {r_hat:.2f} > 1.01: members differ in spread; NUTS "
+            f"warm-started from the ensemble (nuts_warm_start) settles it"
+        )
     if weight_kind == "importance":
         if waiting.any():
             parts.append("recompute the importance weights once every member has converged")
@@ -183,7 +186,7 @@ def _verdict(diverged, converged, num_modes, r_hat, pareto_k, weight_kind, weigh
             parts.append(
                 f"importance weights are unreliable (k {pareto_k:.2f} >= 0.7): the ensemble "
                 f"misses posterior mass (the guide's family does not fit): use a richer guide, "
-                f"or NUTS started from the members (mcmc_init_params)"
+                f"or NUTS warm-started from the ensemble (nuts_warm_start)"
             )
     heavy = weight.max()
     if heavy > 0.9 and weight.size > 1:

@@ -102,6 +102,11 @@ def resample(rng_key: PRNGKeyArray, draws: dict, log_weights, num_draws: int) ->
     return jax.tree.map(lambda leaf: jnp.reshape(leaf, (-1,) + jnp.shape(leaf)[2:])[picked], draws)
 
 
+# Log weights that all lie within this many nats (weights within 1% of each other)
+# are equal for every purpose: importance sampling with them is exact.
+FLAT_LOG_WEIGHTS = 1e-2
+
+
 def psis(log_weights) -> tuple[np.ndarray, np.ndarray]:
     r"""Pareto-smoothed, normalised log weights along the last axis and their
     Pareto :math:`\hat k`, with the installed ArviZ's PSIS (0.x ``az.psislw``,
@@ -111,8 +116,9 @@ def psis(log_weights) -> tuple[np.ndarray, np.ndarray]:
     (a guide close to the posterior) to a few tied values; ties in the tail leave
     PSIS too few distinct points to fit (:math:`\hat k = \infty`). A fixed
     sub-rounding dither (half a float32 unit in the last place) breaks the ties.
-    Weights that are constant even so (a guide equal to the posterior) are returned
-    unsmoothed with :math:`\hat k = -\infty`.
+    Weights that are constant even so, or within ``FLAT_LOG_WEIGHTS`` of each other (a
+    guide equal to the posterior, up to rounding: the tail fit of such weights is
+    meaningless), are returned unsmoothed with :math:`\hat k = -\infty`.
     """
     log_weights = np.asarray(log_weights, dtype=np.float64)
     ulp = np.spacing(np.abs(log_weights).astype(np.float32)).astype(np.float64)
@@ -123,7 +129,8 @@ def psis(log_weights) -> tuple[np.ndarray, np.ndarray]:
     smoothed, k = np.asarray(smoothed), np.asarray(k, dtype=np.float64)
     # (Nearly) constant weights, e.g. a guide equal to the posterior, leave the tail fit
     # undefined (NaN): nothing needs smoothing there, the raw weights are bounded.
-    failed = ~np.isfinite(smoothed).all(axis=-1) | np.isnan(k)
+    flat = np.ptp(log_weights, axis=-1) < FLAT_LOG_WEIGHTS
+    failed = ~np.isfinite(smoothed).all(axis=-1) | np.isnan(k) | flat
     if failed.any():
         raw = log_weights - logsumexp(log_weights, axis=-1, keepdims=True)
         smoothed = np.where(failed[..., None], raw, smoothed)

@@ -1,0 +1,90 @@
+"""NUTS warm-started from an ensemble: starts, inverse mass matrix, step size."""
+
+from jax import random
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.infer import MCMC, NUTS, Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
+import optax
+import pytest
+
+from numpyro_ensemble import (
+    EnsembleMAP,
+    EnsembleSVI,
+    importance_weights,
+    laplace_members,
+    nuts_warm_start,
+)
+from numpyro_ensemble.warmstart import _draws_covariance
+
+D = 4
+MEAN = np.arange(D, dtype=np.float32)
+COV = (0.9 ** np.abs(np.subtract.outer(np.arange(D), np.arange(D)))
+       * np.outer(np.arange(1, D + 1), np.arange(1, D + 1)) * 0.5).astype(np.float32)
+
+
+def gaussian():
+    numpyro.sample("x", dist.MultivariateNormal(jnp.asarray(MEAN), covariance_matrix=jnp.asarray(COV)))
+
+
+@pytest.fixture(scope="module")
+def laplace():
+    ens = EnsembleMAP(gaussian, ensemble_size=3)
+    result = ens.run(random.key(0), 200, progress_bar=False)
+    return ens, result, *laplace_members(ens, result.params)
+
+
+def test_the_metric_is_the_posterior_covariance_and_warm_nuts_is_right(laplace):
+    _, _, members, params = laplace
+    weights = importance_weights(members, random.key(1), params, num_samples=200)
+    warm = nuts_warm_start(members, random.key(2), params, num_chains=3, weights=weights)
+    assert warm.sites == ("x",) and warm.num_chains == 3
+    np.testing.assert_allclose(warm.covariance, COV, rtol=1e-3, atol=1e-4)  # Laplace: exact
+    matrix = warm.nuts_kwargs["inverse_mass_matrix"][("x",)]
+    np.testing.assert_allclose(matrix, COV, rtol=1e-3, atol=1e-4)
+    assert warm.nuts_kwargs["dense_mass"] == [("x",)]
+    assert not warm.nuts_kwargs["adapt_mass_matrix"] and warm.num_warmup == 150  # trusted
+    starts = np.asarray(warm.init_params["x"])
+    assert starts.shape == (3, D) and len({tuple(row) for row in starts.round(5)}) == 3
+    # from ensemble draws instead: the shrunk sample covariance
+    drawn = _draws_covariance(members, random.key(3), params, None, 2000, ("x",), (), {})
+    np.testing.assert_allclose(drawn, COV, rtol=0.1, atol=0.05 * COV.max())
+
+    mcmc = MCMC(NUTS(gaussian, **warm.nuts_kwargs), num_warmup=warm.num_warmup,
+                num_samples=500, num_chains=warm.num_chains, chain_method="vectorized",
+                progress_bar=False)
+    mcmc.run(random.key(4), init_params=warm.init_params)
+    x = np.asarray(mcmc.get_samples()["x"])
+    sd = np.sqrt(np.diag(COV))
+    np.testing.assert_allclose(x.mean(0), MEAN, atol=0.15 * sd.max())
+    np.testing.assert_allclose(x.std(0), sd, rtol=0.15)
+
+
+def test_without_trusted_weights_the_metric_keeps_adapting(laplace):
+    _, _, members, params = laplace
+    warm = nuts_warm_start(members, random.key(2), params, num_chains=2, dense_mass=False)
+    assert warm.nuts_kwargs["adapt_mass_matrix"] and warm.num_warmup == 300
+    np.testing.assert_allclose(warm.nuts_kwargs["inverse_mass_matrix"][("x",)], np.diag(COV),
+                               rtol=1e-3)
+    assert warm.nuts_kwargs["dense_mass"] == []
+
+
+def test_bad_input_is_a_clear_error(laplace):
+    ens, result, members, params = laplace
+    with pytest.raises(ValueError, match="the members are points .* laplace_members"):
+        nuts_warm_start(ens, random.key(0), result.params)
+    with pytest.raises(ValueError, match=r"weights must have shape \(ensemble_size,\) = \(3,\)"):
+        nuts_warm_start(members, random.key(0), params, weights=jnp.ones(2))
+
+    def other():
+        numpyro.sample("z", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
+
+    with pytest.raises(ValueError, match=r"model has the latent sites \['z'\], but the "
+                                         r"ensemble's model has \['x'\]"):
+        nuts_warm_start(members, random.key(0), params, model=other)
+    fresh = EnsembleSVI(gaussian, AutoNormal(gaussian), optax.adam(0.01), Trace_ELBO(),
+                        ensemble_size=2)
+    with pytest.raises(RuntimeError, match="nuts_warm_start needs the param constraints"):
+        nuts_warm_start(fresh, random.key(0), {"x_auto_loc": jnp.zeros((2, D))})
