@@ -26,6 +26,19 @@ import optax
 __all__ = []
 
 
+def find_nodes(tree, kinds: tuple) -> list:
+    """The nodes of ``tree`` (e.g. an optimizer state) that are instances of ``kinds``."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, kinds):
+            found.append(node)
+        return node
+
+    jax.tree.map(visit, tree, is_leaf=lambda node: isinstance(node, kinds))
+    return found
+
+
 def _inject_states(tree):
     """The ``optax.inject_hyperparams`` states inside an optimizer state."""
     kinds = tuple(
@@ -36,15 +49,7 @@ def _inject_states(tree):
         )
         if cls is not None
     )
-    found = []
-
-    def visit(node):
-        if isinstance(node, kinds):
-            found.append(node)
-        return node
-
-    jax.tree.map(visit, tree, is_leaf=lambda node: isinstance(node, kinds))
-    return kinds, found
+    return kinds, find_nodes(tree, kinds)
 
 
 def optimizer_hyperparams(optim) -> dict:

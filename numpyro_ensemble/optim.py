@@ -27,6 +27,7 @@ from numpyro.handlers import seed, trace
 from numpyro.optim import _NumPyroOptim, _value_and_grad, optax_to_numpyro
 import optax
 
+from numpyro_ensemble.hyper import find_nodes
 from numpyro_ensemble.members import member_args
 from numpyro_ensemble.stopping import EarlyStopping
 
@@ -52,15 +53,7 @@ DEFAULT_MINI_BATCH = optax.chain(
 
 
 def _linesearch_states(tree) -> list:
-    found = []
-
-    def visit(node):
-        if isinstance(node, _LINESEARCH_STATES):
-            found.append(node)
-        return node
-
-    jax.tree.map(visit, tree, is_leaf=lambda node: isinstance(node, _LINESEARCH_STATES))
-    return found
+    return find_nodes(tree, _LINESEARCH_STATES)
 
 
 def uses_linesearch(optim) -> bool:
@@ -153,6 +146,12 @@ def _is_point(fn) -> bool:
     while isinstance(fn, (dist.Independent, dist.MaskedDistribution)):
         fn = fn.base_dist
     return isinstance(fn, dist.Delta)
+
+
+def check_optimizer(ensemble, info, args, kwargs) -> None:
+    """For a linesearch optimizer, :func:`check_deterministic` (after the guide's set-up)."""
+    if isinstance(ensemble.optim, LinesearchOptim):
+        check_deterministic(ensemble, info, args, kwargs)
 
 
 def check_deterministic(ensemble, info, args, kwargs) -> None:

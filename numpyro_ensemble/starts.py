@@ -14,7 +14,7 @@ import numpy as np
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.infer.svi import SVI
 
-from numpyro_ensemble._checks import check_support, warn
+from numpyro_ensemble._checks import check_state_params, check_support, warn
 from numpyro_ensemble.members import map_members, member_args
 
 __all__ = ["IdenticalMembersWarning"]
@@ -40,6 +40,28 @@ def set_up(svi, rng_key, args, kwargs, progs, need_reference):
     if progs.constrain_fn is None:
         progs.constrain_fn = svi.constrain_fn
     return svi.constrain_fn(svi.optim.get_params(reference.optim_state))
+
+
+def resume(svi, rng_key, init_state, args, kwargs, progs, split):
+    """``run(..., init_state=...)``: a new object resuming a saved state sets up the
+    guide first; the state must hold this model and guide's params."""
+    from numpyro_ensemble.optim import check_optimizer
+    from numpyro_ensemble.sharding import put
+
+    set_up(svi, rng_key, args, kwargs, progs, need_reference=False)
+    check_optimizer(svi, svi._inspect(split), args, kwargs)
+    check_state_params(svi.optim.get_params(init_state.optim_state), svi.constrain_fn)
+    return put(init_state, svi.mesh, True)
+
+
+def warn_once_if_identical(svi, flags, shared_names) -> None:
+    """The :class:`IdenticalMembersWarning`, once per ensemble object."""
+    if svi._warned_identical or svi.ensemble_size < 2:
+        return
+    names = identical_sites(flags, shared_names)
+    if names:
+        warn_identical(names, svi.ensemble_size, type(svi).__name__)
+        svi._warned_identical = True
 
 
 def member_init_params(init_params, keys, reference, constrain_fn, members_per_chunk=None):

@@ -19,7 +19,6 @@ from numpyro_ensemble._checks import (
     check_num_particles,
     check_positive_int,
     check_state,
-    check_state_params,
 )
 from numpyro_ensemble.checkpoint import check_checkpointing, save_checkpoint
 from numpyro_ensemble.guides import guide_template, member_guide
@@ -241,11 +240,6 @@ class EnsembleSVI(SVI):
         """Check the model before anything is compiled (subclasses add their own checks)."""
         check_discrete_sites(self, info)
 
-    def _check_optimizer(self, info: ModelInfo, args, kwargs):
-        """A linesearch optimizer needs a deterministic loss (after the guide's set-up)."""
-        if isinstance(self.optim, optim_module.LinesearchOptim):
-            optim_module.check_deterministic(self, info, args, kwargs)
-
     def _check_state(self, svi_state, name):
         check_state(svi_state, name, self.ensemble_size, type(self).__name__)
 
@@ -283,7 +277,7 @@ class EnsembleSVI(SVI):
         keys = self.member_keys(rng_key)
         progs = loop.programs(self)
         reference = starts.set_up(self, keys[0], args, kwargs, progs, init_params is not None)
-        self._check_optimizer(info, args, kwargs)
+        optim_module.check_optimizer(self, info, args, kwargs)
         shared_names = ()
         if init_params is not None:
             init_params, shared_names = starts.member_init_params(
@@ -296,11 +290,7 @@ class EnsembleSVI(SVI):
             static=split.static,
             axes=split.axes,
         )
-        if not self._warned_identical and self.ensemble_size > 1:
-            names = starts.identical_sites(flags, shared_names)
-            if names:
-                starts.warn_identical(names, self.ensemble_size, type(self).__name__)
-                self._warned_identical = True
+        starts.warn_once_if_identical(self, flags, shared_names)
         return state
 
     def get_params(self, svi_state: SVIState) -> dict:
@@ -456,11 +446,7 @@ class EnsembleSVI(SVI):
             svi_state = self.init(rng_key, *args, init_params=init_params, **kwargs)
         else:
             self._check_state(init_state, "init_state")
-            # A new object resuming a saved state sets up the guide first.
-            starts.set_up(self, rng_key, args, kwargs, progs, need_reference=False)
-            self._check_optimizer(self._inspect(split), args, kwargs)
-            check_state_params(self.optim.get_params(init_state.optim_state), self.constrain_fn)
-            svi_state = put(init_state, self.mesh, True)
+            svi_state = starts.resume(self, rng_key, init_state, args, kwargs, progs, split)
         svi_state, losses, stop = loop.run_steps(
             self, progs, rng_key, svi_state, split, num_steps,
             progress_bar=progress_bar,
