@@ -142,13 +142,48 @@ def importance_weights(
         "importance_weights",
         auxiliary=True,
     )
-    latent = [s.name for s in sites if not s.auxiliary]
-    fixed = {s.name for s in sites if not s.point}
+    latent = tuple(s.name for s in sites if not s.auxiliary)
+    fixed = frozenset(s.name for s in sites if not s.point)
     split = ensemble._split(args, kwargs)
-    model = full_data(ensemble.model, ensemble._inspect(split).plates)
-    guide, static_kwargs = ensemble.guide, ensemble.static_kwargs
+    plates = ensemble._inspect(split).plates
     E, S = ensemble.ensemble_size, num_samples
     flat = jax.tree.map(lambda v: jnp.reshape(v, (E * S,) + v.shape[2:]), draws)
+    # One compiled scoring pass per ensemble and configuration, not one per call.
+    programs = ensemble.__dict__.setdefault("_importance_programs", {})
+    key = (latent, fixed, split.static, split.axes, plates, S)
+    if key not in programs:
+        programs[key] = _scoring_program(ensemble, latent, fixed, split, plates, S)
+    own_params = model_params(ensemble, safe, args, kwargs)
+    log_p, log_qs = programs[key](safe, own_params, flat, split.dynamic)
+    finite = finite & proper_densities(np.asarray(log_qs), finite, S)
+    log_qs = jnp.where(jnp.asarray(finite)[:, None], log_qs, -jnp.inf)
+    log_q_mix = logsumexp(log_qs, axis=0) - jnp.log(finite.sum())
+    raw = np.asarray(jnp.reshape(log_p - log_q_mix, (E, S)), dtype=np.float64)
+    raw = np.where(finite[:, None] & np.isfinite(raw), raw, -np.inf)
+    valid = np.isfinite(raw)
+    if not valid.any():
+        raise ValueError(
+            "importance_weights: no draw has a finite log density under the model; "
+            "check the data and the params."
+        )
+    smoothed, k = psis(raw[valid])
+    log_weights = np.full((E, S), -np.inf)
+    log_weights[valid] = smoothed
+    member = np.exp(logsumexp(log_weights, axis=1))
+    return ImportanceWeights(
+        samples={name: draws[name] for name in latent},
+        log_weights=jnp.asarray(log_weights),
+        member_weights=jnp.asarray(member / member.sum()),
+        pareto_k=float(k),
+        ess=float(1.0 / np.sum(np.exp(2 * smoothed))),
+    )
+
+
+def _scoring_program(ensemble, latent, fixed, split, plates, num_samples):
+    """The jitted pass scoring every draw under the model and under every member's guide."""
+    model = full_data(ensemble.model, plates)
+    guide, static_kwargs = ensemble.guide, ensemble.static_kwargs
+    E, S = ensemble.ensemble_size, num_samples
 
     @jax.jit
     def score(params, own_params, flat, dynamic):
@@ -183,27 +218,4 @@ def importance_weights(
         )
         return log_p, log_qs
 
-    own_params = model_params(ensemble, safe, args, kwargs)
-    log_p, log_qs = score(safe, own_params, flat, split.dynamic)
-    finite = finite & proper_densities(np.asarray(log_qs), finite, S)
-    log_qs = jnp.where(jnp.asarray(finite)[:, None], log_qs, -jnp.inf)
-    log_q_mix = logsumexp(log_qs, axis=0) - jnp.log(finite.sum())
-    raw = np.asarray(jnp.reshape(log_p - log_q_mix, (E, S)), dtype=np.float64)
-    raw = np.where(finite[:, None] & np.isfinite(raw), raw, -np.inf)
-    valid = np.isfinite(raw)
-    if not valid.any():
-        raise ValueError(
-            "importance_weights: no draw has a finite log density under the model; "
-            "check the data and the params."
-        )
-    smoothed, k = psis(raw[valid])
-    log_weights = np.full((E, S), -np.inf)
-    log_weights[valid] = smoothed
-    member = np.exp(logsumexp(log_weights, axis=1))
-    return ImportanceWeights(
-        samples={name: draws[name] for name in latent},
-        log_weights=jnp.asarray(log_weights),
-        member_weights=jnp.asarray(member / member.sum()),
-        pareto_k=float(k),
-        ess=float(1.0 / np.sum(np.exp(2 * smoothed))),
-    )
+    return score
