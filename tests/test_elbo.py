@@ -115,7 +115,7 @@ def test_tempered_optimum_is_the_tempered_posterior():
     assert abs(sd - (1 / tau**2 + y.size) ** -0.5) > 0.05
 
 
-@pytest.mark.parametrize("bad, exc", [(-0.1, ValueError), (float("inf"), ValueError), (float("nan"), ValueError), ("1", TypeError), (jnp.ones((2, 2)), TypeError), (jnp.array([1.0, -1.0]), ValueError)])
+@pytest.mark.parametrize("bad, exc", [(-0.1, ValueError), (float("inf"), ValueError), (float("nan"), ValueError), ("1", TypeError), (jnp.ones((2, 2)), ValueError), (jnp.array([1.0, -1.0]), ValueError)])
 def test_bad_kl_weight(bad, exc):
     with pytest.raises(exc, match="kl_weight"):
         TemperedTrace_ELBO(kl_weight=bad)

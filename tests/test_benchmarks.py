@@ -1,0 +1,94 @@
+"""The benchmarks in benchmarks/ run at tiny sizes (E = 2, few steps) so they cannot rot.
+
+They check numbers, never speed: the suite compiles at -O0 (tests/conftest.py).
+benchmarks/uci.py is tested in test_examples.py."""
+
+import math
+import os
+import pathlib
+import runpy
+
+import jax.numpy as jnp
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def script(name):
+    return runpy.run_path(str(BENCHMARKS / f"{name}.py"), run_name="not_main")
+
+
+def positive(*times):
+    return all(math.isfinite(t) and t > 0 for t in times)
+
+
+def test_bench_run_member_check_fails_on_copied_members():
+    """The check every bench_run method passes would catch one fit copied E times
+    (the old hand-vmapped AutoDelta baseline) or a leaf without the member axis."""
+    check_members = script("bench_run")["check_members"]
+    assert check_members({"a": jnp.arange(6.0).reshape(2, 3)}, 2, "ok") == 2
+    with pytest.raises(AssertionError, match="distinct"):
+        check_members({"a": jnp.ones((2, 3)), "b": jnp.zeros(2)}, 2, "copied")
+    with pytest.raises(AssertionError, match="member axis"):
+        check_members({"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.zeros(3)}, 2, "no axis")
+
+
+@pytest.mark.slow
+def test_bench_run(capsys):
+    # AutoDelta: the guide whose hand-vmapped baseline used to fit one member only.
+    rows = script("bench_run")["main"](
+        ["--sizes", "2", "--steps", "3", "--guides", "delta", "--loop-max", "2"]
+    )
+    (row,) = rows
+    assert row["guide"] == "delta" and row["E"] == 2
+    # Every method's params had the member axis and two distinct members.
+    assert row["distinct"] == dict.fromkeys(("starts", "loop", "vmap", "floor", "ens", "bar"), 2)
+    assert positive(*(row[k] for k in ("loop", "vmap", "vmap_first", "floor", "floor_first",
+                                        "ens", "ens_first", "bar", "bar_first")))
+    assert row["vmap_vs_ens"] < 1e-4  # member e of the ensemble is plain SVI on its start
+    assert "AutoDelta       2" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_minibatch(capsys):
+    rows = script("bench_minibatch")["main"](
+        ["--sizes", "2", "--steps", "4", "--n", "40", "--batch", "8", "--repeats", "1"]
+    )
+    (row,) = rows
+    # The floors drew the indices run draws (asserted in the script) and so fit the same
+    # points; every way returned two distinct members.
+    assert row["distinct"] == {k: 2 for k in ("epoch", "floor_epoch", "iid", "floor_iid",
+                                              "numpyro")}
+    assert max(row["diff"].values()) < 1e-4
+    assert positive(*(row[k] for k in ("epoch", "floor_epoch", "iid", "floor_iid", "numpyro")))
+    assert "member-steps/s" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_weights(capsys):
+    (row,) = script("bench_weights")["main"](
+        ["--sizes", "2", "--steps", "3", "--num-samples", "4"]
+    )
+    assert row["E"] == 2
+    assert positive(*(row[k] for k in ("run", "iw_first", "iw_again", "stack_first",
+                                        "stack_again")))
+    assert 0.99 <= row["ess"] <= 2 * 4 + 0.01  # an effective number of the E * S draws
+    assert "pareto k" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_first_call(tmp_path, capsys):
+    # --shared-cache only saves time here: the processes load programs that this test
+    # session compiled already (tests/conftest.py's cache), e.g. NumPyro's guide set-up.
+    rows = script("bench_first_call")["main"](
+        ["--size", "2", "--steps", "3", "--repeats", "1", "--no-cache",
+         "--shared-cache", os.environ.get("NUMPYRO_ENSEMBLE_TEST_JAX_CACHE", str(tmp_path))]
+    )
+    assert set(rows) == {"plain", "ensemble"}
+    assert rows["plain"]["shape"] == [3] and rows["ensemble"]["shape"] == [2, 3]
+    for row in rows.values():
+        assert positive(row["import"], row["init"], row["run"])
+        assert row["total"] == pytest.approx(row["init"] + row["run"])
+    # The steady runs' split is a difference of timings: finite, of either sign at 3 steps.
+    assert math.isfinite(rows["ensemble"]["steps"]) and math.isfinite(rows["ensemble"]["again"])
+    assert "time to first result" in capsys.readouterr().out
