@@ -71,8 +71,23 @@ def test_multihost_runs_two_processes(capsys):
 def test_uci_benchmark_runs(capsys):
     namespace = runpy.run_path(str(ROOT / "benchmarks" / "uci.py"), run_name="not_main")
     rows = namespace["main"](["--data-dir", str(UCI), "--datasets", "yacht", "--splits", "2",
-                              "--epoch-scale", "0.25"])
-    (row, _), = rows
-    assert row["splits"] == 2 and row["members"] == 10
-    assert all(math.isfinite(v) for v in (*row["rmse"], *row["nll"]))
-    assert "| yacht | 308 | 2 |" in capsys.readouterr().out
+                              "--epoch-scale", "0.1", "--select", "--seeds", "2",
+                              # one candidate batch size: each one is a program to compile
+                              "--batch-sizes", "100"])
+    (row,) = rows
+    assert row["splits"] == 2 and row["members"] == 2 * 2 * 5
+    # Selection: every candidate scored on validation rows, the lowest NLL chosen.
+    rates = namespace["LEARNING_RATES"]
+    assert set(row["validation"]) == {(100, r) for r in rates}
+    assert row["chosen"] == min(row["validation"], key=row["validation"].get)
+    assert (row["batch_size"], row["learning_rate"]) == row["chosen"]
+    # Validation rows: a fifth of each training split, never a test row.
+    for train, test, fit, val in zip(row["train_rows"], row["test_rows"], row["fit_rows"],
+                                     row["val_rows"], strict=True):
+        assert set(val) <= set(train) and not set(val) & set(test)
+        assert sorted([*fit, *val]) == sorted(train) and len(val) == round(0.2 * len(train))
+    assert all(math.isfinite(v) for v in (*row["rmse"], *row["nll"], row["nll_sd"]))
+    assert len(row["nll_per_seed"]) == 2 and row["nll_is"] in ("comparable", "lower", "higher")
+    printed = capsys.readouterr().out
+    assert f"| yacht | 2 | {row['batch_size']}, {row['learning_rate']:g} |" in printed
+    assert "Validation NLL" in printed
