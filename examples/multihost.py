@@ -77,8 +77,9 @@ def launch_local(args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={args.devices_per_process}"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} " \
+        f"--xla_force_host_platform_device_count={args.devices_per_process}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags.strip()}
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "--coordinator", f"127.0.0.1:{port}",

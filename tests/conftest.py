@@ -80,13 +80,17 @@ def pytest_configure(config):
     """Most of the suite's time is XLA compiling programs that other tests compiled
     already (the same model and guide on new objects): share them through JAX's
     persistent compilation cache, in a directory that lives as long as the session
-    (made once by the main process; pytest-xdist workers inherit it)."""
+    (made once by the main process; pytest-xdist workers inherit it;
+    ``NUMPYRO_ENSEMBLE_TEST_JAX_CACHE=off`` turns it off). And keep the workers'
+    memory maps bounded (:class:`ReleaseCompiledPrograms`)."""
     import atexit
-    import os
     import shutil
     import tempfile
 
+    config.pluginmanager.register(ReleaseCompiledPrograms(), "release-compiled-programs")
     path = os.environ.get("NUMPYRO_ENSEMBLE_TEST_JAX_CACHE")
+    if path == "off":
+        return
     if path is None:
         path = tempfile.mkdtemp(prefix="numpyro-ensemble-jax-cache-")
         os.environ["NUMPYRO_ENSEMBLE_TEST_JAX_CACHE"] = path
@@ -94,3 +98,34 @@ def pytest_configure(config):
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+class ReleaseCompiledPrograms:
+    """Every program XLA:CPU compiles keeps a few memory maps until it is freed, and
+    jitted functions keep their programs: a worker that runs hundreds of tests reaches
+    Linux's limit of 65,530 maps per process (``vm.max_map_count``), where the next
+    compile segfaults. After any test (doctests included: a registered plugin, not a
+    fixture) that leaves more than ``MAX_MAPS``, drop the compiled programs (JAX's
+    caches and this package's registry of programs; the persistent cache keeps them
+    cheap to get back)."""
+
+    MAX_MAPS = 30_000
+
+    @staticmethod
+    def map_count() -> int:
+        try:
+            with open("/proc/self/maps", "rb") as maps:
+                return sum(1 for _ in maps)
+        except OSError:  # not Linux
+            return 0
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_teardown(self, item, nextitem):
+        if self.map_count() > self.MAX_MAPS:
+            import gc
+
+            from numpyro_ensemble import loop
+
+            loop._registry.clear()
+            jax.clear_caches()
+            gc.collect()

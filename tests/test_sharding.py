@@ -81,7 +81,8 @@ SHARDED = textwrap.dedent(
 def test_sharded_over_four_devices_equals_unsharded(tmp_path):
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": flags.strip(),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
