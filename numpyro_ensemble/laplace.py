@@ -1,6 +1,7 @@
 r"""Laplace members: a Gaussian around every member's point.
 
-Member :math:`e` at the point :math:`u_e` (unconstrained) becomes
+Member :math:`e` becomes, at :math:`u_e` the mode of the unconstrained density
+nearest its point,
 
 .. math::
 
@@ -10,6 +11,11 @@ Member :math:`e` at the point :math:`u_e` (unconstrained) becomes
 the Laplace approximation in the unconstrained space, as NumPyro's
 ``AutoLaplaceApproximation`` builds it (:math:`T` the transform to the latent
 sites' supports, the bracket NumPyro's ``potential_energy``, on the full data).
+A MAP point (``EnsembleMAP``, ``AutoDelta``) is the mode of the *constrained*
+density, which lacks the log-Jacobian: where they differ (a scale near zero, as in a
+hierarchical model's MAP) the point is moved to :math:`u_e` by L-BFGS on the
+potential energy first (at most 200 iterations; an ``AutoLaplaceApproximation``
+member's point is :math:`u_e` already).
 The members are returned as an ensemble of ``AutoMultivariateNormal`` members
 (``loc = u_e``, ``scale_tril`` the Cholesky factor of :math:`H_e^{-1}`), which
 every function that uses a fitted ensemble takes as it is: draws, predictions,
@@ -52,6 +58,8 @@ __all__ = ["laplace_members"]
 # The optimizer of the returned ensemble, for a variational fit started from the
 # Laplace members (one object, so such fits share their compiled programs).
 WARM_START_OPTIM = optax.adam(1e-3)
+# From a MAP point to the mode of the unconstrained density (see _mode).
+MODE_ITERATIONS = 200
 
 
 def _twin(ensemble):
@@ -86,7 +94,8 @@ def laplace_members(ensemble, params: dict, *args, **kwargs) -> tuple:
     :class:`~numpyro_ensemble.EnsembleMAP` (or an ``AutoDelta`` ensemble), the modes
     of an ``AutoLaplaceApproximation`` ensemble (whose draws everywhere come from
     these Laplace members), or the medians of another guide. Hessians are taken
-    per member at its own point, in the unconstrained space, on the full data and
+    per member at the mode of the unconstrained density nearest its point (see
+    :mod:`numpyro_ensemble.laplace`), on the full data and
     with the member's own values of the model's ``numpyro.param`` sites.
 
     **Example** (a mixture of Laplace approximations from a MAP ensemble, and
@@ -129,7 +138,12 @@ def laplace_members(ensemble, params: dict, *args, **kwargs) -> tuple:
     scale_tril = np.asarray(cholesky_of_inverse(jnp.asarray(precision)))
     symmetric = 0.5 * (precision + np.swapaxes(precision, -1, -2))
     eigenvalues = np.asarray(jnp.linalg.eigvalsh(jnp.asarray(symmetric)))  # NaN, not raising
-    positive = finite & (eigenvalues > 0).all(axis=1) & np.isfinite(scale_tril).all(axis=(1, 2))
+    positive = (
+        finite
+        & np.isfinite(loc).all(axis=1)
+        & (eigenvalues > 0).all(axis=1)
+        & np.isfinite(scale_tril).all(axis=(1, 2))
+    )
     return twin, _params(twin, loc, scale_tril, positive, finite, own)
 
 
@@ -169,6 +183,11 @@ def _hessian_program(ensemble, twin, plates, split):
         def potential(z):
             return potential_energy(at, args, kwargs, layout._unpack_latent(z))
 
+        if not isinstance(guide, AutoLaplaceApproximation):
+            # A MAP point is the mode of the constrained density; the Laplace
+            # approximation is centred at the mode of the unconstrained one (which
+            # adds the transform's log-Jacobian), a few L-BFGS steps away.
+            u = _mode(potential, u)
         return u, jax.hessian(potential)(u)
 
     @jax.jit
@@ -182,6 +201,33 @@ def _hessian_program(ensemble, twin, plates, split):
         )
 
     return run
+
+
+def _mode(fn, u, max_iterations: int = MODE_ITERATIONS):
+    """L-BFGS (optax's, zoom linesearch) on ``fn`` from ``u`` until the gradient's norm
+    is below ``sqrt(eps) (1 + |fn|)`` (the float type's ``eps``) or ``max_iterations``."""
+    optimizer = optax.lbfgs()
+    tolerance = float(np.sqrt(np.finfo(u.dtype).eps))
+    value_and_grad = optax.value_and_grad_from_state(fn)
+
+    def step(carry):
+        z, state = carry
+        value, grad = value_and_grad(z, state=state)
+        updates, state = optimizer.update(
+            grad, state, z, value=value, grad=grad, value_fn=fn
+        )
+        return optax.apply_updates(z, updates), state
+
+    def moving(carry):
+        _, state = carry
+        count = optax.tree.get(state, "count")
+        grad = optax.tree.get(state, "grad")
+        value = optax.tree.get(state, "value")
+        small = optax.tree.norm(grad) <= tolerance * (1.0 + jnp.abs(value))
+        return (count == 0) | ((count < max_iterations) & ~small & jnp.isfinite(value))
+
+    z, _ = jax.lax.while_loop(moving, step, (u, optimizer.init(u)))
+    return z
 
 
 def resolve(ensemble, params, args, kwargs, with_data: bool = True):

@@ -121,7 +121,8 @@ def psis(log_weights) -> tuple[np.ndarray, np.ndarray]:
     meaningless), are returned unsmoothed with :math:`\hat k = -\infty`.
     """
     log_weights = np.asarray(log_weights, dtype=np.float64)
-    ulp = np.spacing(np.abs(log_weights).astype(np.float32)).astype(np.float64)
+    magnitude = np.minimum(np.abs(log_weights), np.finfo(np.float32).max)  # no overflow
+    ulp = np.spacing(magnitude.astype(np.float32)).astype(np.float64)
     log_weights = log_weights + np.random.default_rng(0).uniform(-0.5, 0.5, log_weights.shape) * ulp
     with warnings.catch_warnings():  # the tail fit of near-constant weights divides by 0
         warnings.simplefilter("ignore", RuntimeWarning)

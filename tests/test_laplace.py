@@ -134,6 +134,25 @@ def test_a_member_whose_hessian_is_not_positive_definite_is_flagged_and_excluded
     np.testing.assert_allclose(np.asarray(weights.member_weights)[[0, 2]], 0.5, atol=0.05)
 
 
+def half_normal_scale():
+    numpyro.sample("tau", dist.HalfNormal(1.0))
+
+
+def test_a_map_point_at_a_boundary_is_moved_to_the_unconstrained_mode():
+    """tau ~ HalfNormal(1): the MAP (constrained density) is tau -> 0, where the
+    unconstrained density of u = log tau, exp(u - exp(2u) / 2), is flat. Its mode is
+    u = 0 with curvature 2: the Laplace member is N(0, 1/2), not a huge Gaussian at
+    the MAP point."""
+    ens = EnsembleMAP(half_normal_scale, ensemble_size=2)
+    result = ens.run(random.key(0), 300, progress_bar=False)
+    assert (np.asarray(ens.get_points(result.params)["tau"]) < 0.05).all()  # the MAP
+    _, laplace_params = laplace_members(ens, result.params)
+    np.testing.assert_allclose(np.asarray(laplace_params["auto_loc"]), 0.0, atol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(laplace_params["auto_scale_tril"]), np.sqrt(0.5), rtol=1e-3
+    )
+
+
 @pytest.mark.filterwarnings("ignore::numpyro_ensemble.IdenticalMembersWarning")  # one mode
 def test_a_variational_fit_starts_at_the_laplace_members():
     ens = EnsembleMAP(scale_model, ensemble_size=2)
