@@ -109,7 +109,7 @@ class ReleaseCompiledPrograms:
     caches and this package's registry of programs; the persistent cache keeps them
     cheap to get back)."""
 
-    MAX_MAPS = 30_000
+    MAX_MAPS = int(os.environ.get("NUMPYRO_ENSEMBLE_TEST_MAX_MAPS", "30000"))
 
     @staticmethod
     def map_count() -> int:
