@@ -1,7 +1,7 @@
 """Ensembles of SVI and MAP fits of one NumPyro model."""
 
 from numpyro_ensemble.arviz_export import to_arviz
-from numpyro_ensemble.cache import enable_compilation_cache
+from numpyro_ensemble.cache import clear_compiled_programs, enable_compilation_cache
 from numpyro_ensemble.checkpoint import load_checkpoint, save_checkpoint
 from numpyro_ensemble.diagnostics import EnsembleSummary, ensemble_summary
 from numpyro_ensemble.elbo import TemperedTrace_ELBO
@@ -31,6 +31,7 @@ __all__ = [
     "StackingWeights",
     "TemperedTrace_ELBO",
     "concat_members",
+    "clear_compiled_programs",
     "enable_compilation_cache",
     "ensemble_summary",
     "ensemble_map",

@@ -1,4 +1,4 @@
-"""JAX's persistent compilation cache, turned on explicitly."""
+"""JAX's persistent compilation cache, turned on explicitly; compiled programs dropped."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import jax
 
-__all__ = ["enable_compilation_cache"]
+__all__ = ["clear_compiled_programs", "enable_compilation_cache"]
 
 
 def enable_compilation_cache(path: str | os.PathLike, *, min_compile_time_secs: float = 0.0) -> str:
@@ -48,3 +48,35 @@ def enable_compilation_cache(path: str | os.PathLike, *, min_compile_time_secs: 
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return path
+
+
+def clear_compiled_programs() -> None:
+    """
+    Drops every compiled program: those this package shares between ensembles of one
+    configuration, and JAX's (``jax.clear_caches()``). Ensembles stay usable; their
+    next call compiles again (or loads from the persistent cache, see
+    :func:`enable_compilation_cache`).
+
+    Compiled programs are kept for the life of the process, each with its memory and,
+    on the CPU, a few memory maps. A long process that fits many configurations (a
+    sweep over models or sizes, a benchmark over many posteriors) can reach Linux's
+    limit of 65,530 maps per process (``vm.max_map_count``), where XLA fails to
+    compile ("LLVM compilation error: Cannot allocate memory") or crashes. Call this
+    between configurations that will not be used again.
+
+    **Example:**
+
+    .. code-block:: python
+
+        for model, data in problems:
+            fit(model, data)
+            clear_compiled_programs()
+    """
+    import gc
+
+    from numpyro_ensemble import loop
+
+    with loop._registry_lock:
+        loop._registry.clear()
+    jax.clear_caches()
+    gc.collect()

@@ -122,10 +122,6 @@ class ReleaseCompiledPrograms:
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_teardown(self, item, nextitem):
         if self.map_count() > self.MAX_MAPS:
-            import gc
+            from numpyro_ensemble import clear_compiled_programs
 
-            from numpyro_ensemble import loop
-
-            loop._registry.clear()
-            jax.clear_caches()
-            gc.collect()
+            clear_compiled_programs()
