@@ -1,0 +1,250 @@
+"""NUTS warm-started from an ensemble against NUTS's defaults: gradient evaluations.
+
+For each posterior of ``posteriordb.py`` (posteriordb's reference draws, the NumPyro
+translations in ``posteriordb_models.py``) one process runs, in float64:
+
+1. ``default``: NumPyro's NUTS with default settings (1000 warm-up iterations,
+   1000 draws, 4 chains, sequential);
+2. ``warm``: an ensemble fit (``EnsembleMAP``, L-BFGS, E = 8, then
+   ``laplace_members`` and ``importance_weights``, then ``nuts_warm_start``) and
+   NUTS with the warm start's starts, metric, step size and warm-up (150 iterations
+   with a trusted metric, else 300), 1000 draws, 4 chains, sequential.
+
+Gradient evaluations are NUTS's leapfrog steps: NumPyro's ``num_steps`` extra field,
+summed over the warm-up (``MCMC.warmup(..., collect_warmup=True)``) and the draws
+(``MCMC.run`` from ``post_warmup_state``). Not counted, for either method: the few
+steps of NumPyro's step-size search (``find_reasonable_step_size``, at the start and
+at each end of a warm-up window). Not counted either: the ensemble fit's own
+gradient evaluations. For it the table gives L-BFGS's iterations summed over the
+members, a lower bound: the linesearch evaluates the gradient at least once, often
+several times, per iteration (the Laplace members add one Hessian per member, the
+importance weights one density per draw).
+
+Each method is scored over the reference's parameters (Stan names): the minimum bulk
+ESS (``numpyro.diagnostics.effective_sample_size``) and the minimum ESS per second
+of total time, the maximum split R-hat, and, as ``posteriordb.py``, the maximum
+``|mean - ref mean| / ref sd`` and ``|log(sd / ref sd)|``. Times are wall times of
+first calls, compilation included; a warm row's fit time (L-BFGS, Laplace,
+importance weights, ``nuts_warm_start``) and NUTS time are given separately.
+
+    git clone https://github.com/stan-dev/posteriordb ../posteriordb
+    python benchmarks/nuts_warmstart.py --posteriordb ../posteriordb --json rows.json
+    python benchmarks/nuts_warmstart.py --synthetic --quick        # no data needed
+
+``--posteriordb`` takes a clone or a bare git directory. The data are not part of
+this repository.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import warnings
+
+import jax
+from jax import random
+import numpy as np
+import numpyro
+from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+from numpyro.infer import MCMC, NUTS
+
+from numpyro_ensemble import (
+    EnsembleMAP,
+    clear_compiled_programs,
+    importance_weights,
+    laplace_members,
+    nuts_warm_start,
+)
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import posteriordb as pdb  # noqa: E402
+
+METHODS = ("default", "warm")
+
+
+class Sizes:
+    """Steps and draws; ``--quick`` shrinks them for the smoke test (the warm start's
+    own warm-up, 150 or 300 iterations, is kept)."""
+
+    def __init__(self, quick: bool):
+        self.ensemble_size = 4 if quick else 8
+        self.lbfgs_steps = 100 if quick else 1000  # at most: members stop at their tolerance
+        self.draws = 50 if quick else 500  # importance-weight draws per member
+        self.warmup = 50 if quick else 1000  # the default NUTS's
+        self.samples = 50 if quick else 1000
+        self.chains = 2 if quick else 4
+
+
+def run_nuts(model, args, sizes, key, num_warmup, init_params=None, **nuts_kwargs):
+    """NUTS's warm-up then its draws, counting leapfrog steps in each."""
+    mcmc = MCMC(
+        NUTS(model, **nuts_kwargs), num_warmup=num_warmup, num_samples=sizes.samples,
+        num_chains=sizes.chains, chain_method="sequential", progress_bar=False,
+    )
+
+    def go():
+        mcmc.warmup(key, *args, extra_fields=("num_steps",), collect_warmup=True,
+                    init_params=init_params)
+        warmup_steps = mcmc.get_extra_fields()["num_steps"]
+        # run continues from post_warmup_state: no second warm-up, the adapted kernel
+        mcmc.run(mcmc.post_warmup_state.rng_key, *args, extra_fields=("num_steps", "diverging"))
+        return warmup_steps, mcmc.get_samples()
+
+    (warmup_steps, samples), seconds = pdb.timed(go)
+    fields = mcmc.get_extra_fields()
+    return {
+        "samples": samples, "nuts_seconds": seconds,
+        "warmup_grads": int(np.asarray(warmup_steps).sum()),
+        "sampling_grads": int(np.asarray(fields["num_steps"]).sum()),
+        "divergences": int(np.asarray(fields["diverging"]).sum()),
+    }
+
+
+def fit_ensemble(model, args, sizes, keys):
+    """L-BFGS points, their Laplace members, importance weights, the warm start."""
+    lbfgs = EnsembleMAP(model, ensemble_size=sizes.ensemble_size)
+    result = lbfgs.run(next(keys), sizes.lbfgs_steps, *args, progress_bar=False)
+    stopped = np.asarray(lbfgs.get_extra_fields()["stopped_at"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not positive definite")  # counted below
+        laplace, laplace_params = laplace_members(lbfgs, result.params, *args)
+    weights = importance_weights(
+        laplace, next(keys), laplace_params, *args, num_samples=sizes.draws
+    )
+    warm = nuts_warm_start(
+        laplace, next(keys), laplace_params, *args, weights=weights, num_chains=sizes.chains
+    )
+    excluded = int((~np.isfinite(np.asarray(laplace_params["auto_loc"])).all(axis=1)).sum())
+    return warm, weights, stopped, excluded
+
+
+def benchmark(name, translation, data, reference_chains, sizes, seed=0):
+    """Both methods on one posterior: two rows (a method that raises gets a row saying so)."""
+    model, args = translation.model, translation.args(data)
+    reference = pdb.pooled(reference_chains)
+    keys = iter(random.split(random.key(seed), 8))
+    rows = []
+
+    def row(method, out, fit_seconds=0.0, **extra):
+        chains = sizes.chains
+        draws = pdb.stan_names(pdb.with_deterministic(model, args, dict(out["samples"]),
+                                                      set(reference)))
+        errors = pdb.score(draws, reference)
+        by_chain = np.stack([draws[k].reshape(chains, -1) for k in reference], axis=-1)
+        ess = np.asarray(effective_sample_size(by_chain))
+        rhat = np.asarray(split_gelman_rubin(by_chain))
+        seconds = fit_seconds + out["nuts_seconds"]
+        rows.append({
+            "posterior": name, "method": method, "warmup_grads": out["warmup_grads"],
+            "sampling_grads": out["sampling_grads"],
+            "grads": out["warmup_grads"] + out["sampling_grads"],
+            "fit_seconds": fit_seconds, "nuts_seconds": out["nuts_seconds"], "seconds": seconds,
+            "min_ess": float(ess.min()), "ess_per_second": float(ess.min() / seconds),
+            "max_rhat": float(rhat.max()), "mean_err": errors["mean"],
+            "log_sd_err": errors["sd"], "worst_mean": errors["worst_mean"],
+            "worst_sd": errors["worst_sd"], "divergences": out["divergences"],
+            "lbfgs_iterations": np.nan, "ratio": np.nan, "note": "", **extra,
+        })
+
+    def failed(method, error):
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        rows.append({"posterior": name, "method": method,
+                     "note": f"failed: {type(error).__name__}: {message[:90]}"})
+
+    try:
+        out = run_nuts(model, args, sizes, next(keys), sizes.warmup)
+        row("default", out, note=f"warm-up {sizes.warmup}")
+    except Exception as error:  # noqa: BLE001 -- any failure is a row of the table
+        failed("default", error)
+
+    try:
+        (warm, weights, stopped, excluded), fit_seconds = pdb.timed(
+            lambda: fit_ensemble(model, args, sizes, keys)
+        )
+        out = run_nuts(model, args, sizes, next(keys), warm.num_warmup,
+                       init_params=warm.init_params, **warm.nuts_kwargs)
+        trusted = not warm.nuts_kwargs["adapt_mass_matrix"]
+        notes = [f"warm-up {warm.num_warmup}", f"k {weights.pareto_k:.2f}",
+                 "metric kept" if trusted else "metric adapted"]
+        if excluded:
+            notes.append(f"{excluded} members excluded (Hessian)")
+        at_limit = int((stopped >= sizes.lbfgs_steps).sum())
+        if at_limit:
+            notes.append(f"{at_limit} members at the L-BFGS limit")
+        row("warm", out, fit_seconds, lbfgs_iterations=int(stopped.sum()),
+            pareto_k=float(weights.pareto_k), note=", ".join(notes))
+    except Exception as error:  # noqa: BLE001 -- any failure is a row of the table
+        failed("warm", error)
+
+    done = [r for r in rows if "grads" in r]
+    if len(done) == 2:  # on the warm row
+        done[1]["ratio"] = done[0]["grads"] / done[1]["grads"]
+    return rows
+
+
+# --- tables ----------------------------------------------------------------------------
+
+_num = pdb._num
+
+
+def table(rows) -> str:
+    lines = [
+        "| posterior | method | warm-up grad evals | sampling grad evals | total grad evals "
+        "| L-BFGS iters (fit, not in grad evals) | fit time (s) | NUTS time (s) | min ESS "
+        "| min ESS/s (fit + NUTS) | max R-hat | max mean err (sd) | max log sd ratio | divergent "
+        "| default/warm grad evals | notes |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        if "grads" not in r:
+            lines.append(f"| {r['posterior']} | {r['method']} |" + " – |" * 13 + f" {r['note']} |")
+            continue
+        iters = "" if np.isnan(r["lbfgs_iterations"]) else f"≥ {r['lbfgs_iterations']}"
+        fit = _num(r["fit_seconds"], 1) if r["method"] == "warm" else ""
+        lines.append(
+            f"| {r['posterior']} | {r['method']} | {r['warmup_grads']} | {r['sampling_grads']} "
+            f"| {r['grads']} | {iters} | {fit} | {_num(r['nuts_seconds'], 1)} "
+            f"| {_num(r['min_ess'], 0)} | {_num(r['ess_per_second'], 1)} "
+            f"| {_num(r['max_rhat'], 3)} | {_num(r['mean_err'])} {r['worst_mean']} "
+            f"| {_num(r['log_sd_err'])} {r['worst_sd']} | {r['divergences']} "
+            f"| {_num(r['ratio'], 1)} | {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def mean_ratio(rows) -> str:
+    ratios = [r["ratio"] for r in rows if np.isfinite(r.get("ratio", np.nan))]
+    if not ratios:
+        return "default/warm total grad evals: no posterior with both methods"
+    return (
+        f"default/warm total grad evals: mean {np.mean(ratios):.2f}, geometric mean "
+        f"{np.exp(np.mean(np.log(ratios))):.2f} over {len(ratios)} posteriors "
+        f"(the ensemble fit's gradient evaluations not counted)"
+    )
+
+
+def main(argv=None):
+    args = pdb.parse_args(argv, pdb.argument_parser(__doc__.split("\n\n")[0], check=False))
+    x64 = bool(jax.config.jax_enable_x64)
+    numpyro.enable_x64()  # posteriors with sds from 1e-3 to 1e4: float32 is not enough
+    try:
+        sizes = Sizes(args.quick)
+        rows = []
+        for name, translation, data, reference in pdb.posteriors(args):
+            rows.extend(benchmark(name, translation, data, reference, sizes, args.seed))
+            print(table(rows[-len(METHODS):]), flush=True)
+            clear_compiled_programs()  # a posterior's programs are not used again
+        print()
+        print(table(rows))
+        print(mean_ratio(rows))
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(rows, indent=1, default=pdb._json_value))
+        return rows
+    finally:
+        jax.config.update("jax_enable_x64", x64)  # callers in one process keep their setting
+
+
+if __name__ == "__main__":
+    main()
