@@ -118,22 +118,29 @@ def psis(log_weights) -> tuple[np.ndarray, np.ndarray]:
     sub-rounding dither (half a float32 unit in the last place) breaks the ties.
     Weights that are constant even so, or within ``FLAT_LOG_WEIGHTS`` of each other (a
     guide equal to the posterior, up to rounding: the tail fit of such weights is
-    meaningless), are returned unsmoothed with :math:`\hat k = -\infty`.
+    meaningless), are returned unsmoothed with :math:`\hat k = -\infty`. With fewer than
+    five draws in the tail (fewer than 25 draws in all) the tail cannot be fitted: the
+    weights are returned unsmoothed with :math:`\hat k = \infty` (ArviZ 0.x's convention;
+    ArviZ 1.x raises).
     """
     log_weights = np.asarray(log_weights, dtype=np.float64)
     magnitude = np.minimum(np.abs(log_weights), np.finfo(np.float32).max)  # no overflow
     ulp = np.spacing(magnitude.astype(np.float32)).astype(np.float64)
     log_weights = log_weights + np.random.default_rng(0).uniform(-0.5, 0.5, log_weights.shape) * ulp
+    raw = log_weights - logsumexp(log_weights, axis=-1, keepdims=True)
+    # (Nearly) constant weights, e.g. a guide equal to the posterior, leave the tail fit
+    # undefined (NaN): nothing needs smoothing there, the raw weights are bounded.
+    flat = np.ptp(log_weights, axis=-1) < FLAT_LOG_WEIGHTS
+    # Both ArviZ versions fit a tail of at least 5 draws: ArviZ 0.x from 21 draws on
+    # (ceil(n / 5)), arviz_stats from 25 (floor(n / 5)); fewer give k = inf in 0.x.
+    if log_weights.shape[-1] < 25:
+        return raw, np.where(flat, -np.inf, np.inf)
     with warnings.catch_warnings():  # the tail fit of near-constant weights divides by 0
         warnings.simplefilter("ignore", RuntimeWarning)
         smoothed, k = _arviz_psis(log_weights)
     smoothed, k = np.asarray(smoothed), np.asarray(k, dtype=np.float64)
-    # (Nearly) constant weights, e.g. a guide equal to the posterior, leave the tail fit
-    # undefined (NaN): nothing needs smoothing there, the raw weights are bounded.
-    flat = np.ptp(log_weights, axis=-1) < FLAT_LOG_WEIGHTS
     failed = ~np.isfinite(smoothed).all(axis=-1) | np.isnan(k) | flat
     if failed.any():
-        raw = log_weights - logsumexp(log_weights, axis=-1, keepdims=True)
         smoothed = np.where(failed[..., None], raw, smoothed)
         k = np.where(failed, -np.inf, k)
     return smoothed, k

@@ -284,3 +284,17 @@ def test_a_degenerate_member_is_left_out_of_the_mixture():
     draws = sample_posterior(svi, random.key(2), params, y, weights=w)
     np.testing.assert_allclose(np.asarray(draws["mu"].mean(0)), post_mean, atol=0.05 * POST_SD)
     np.testing.assert_allclose(np.asarray(draws["mu"].std(0)), POST_SD, rtol=0.05)
+
+
+def test_too_few_draws_for_a_pareto_fit_give_raw_weights_and_infinite_k():
+    # 8 draws leave a tail of 1-2 (ArviZ 1.x raises, 0.x returns k = inf): the weights come
+    # back normalised and unsmoothed, k = inf, and the verdict machinery sees "unreliable".
+    from numpyro_ensemble.weights import psis
+
+    log_weights = np.random.default_rng(1).normal(size=(2, 8)) * 3
+    smoothed, k = psis(log_weights)
+    assert np.all(k == np.inf)
+    np.testing.assert_allclose(np.exp(smoothed).sum(-1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(np.diff(smoothed, axis=-1), np.diff(log_weights, axis=-1), atol=1e-5)
+    # 100 draws are enough for a tail fit in both ArviZ versions: k is finite.
+    assert np.isfinite(psis(np.random.default_rng(2).normal(size=100))[1])
