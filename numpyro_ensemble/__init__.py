@@ -7,6 +7,7 @@ from numpyro_ensemble.diagnostics import EnsembleSummary, ensemble_summary
 from numpyro_ensemble.elbo import TemperedTrace_ELBO
 from numpyro_ensemble.importance import importance_weights
 from numpyro_ensemble.laplace import laplace_members
+from numpyro_ensemble.laplace_starts import laplace_init_params
 from numpyro_ensemble.map import EnsembleMAP
 from numpyro_ensemble.mcmc import mcmc_init_params
 from numpyro_ensemble.members import per_member
@@ -39,6 +40,7 @@ __all__ = [
     "ensemble_predictive",
     "ensemble_svi",
     "importance_weights",
+    "laplace_init_params",
     "laplace_members",
     "load_checkpoint",
     "mcmc_init_params",

@@ -22,7 +22,9 @@ every function that uses a fitted ensemble takes as it is: draws, predictions,
 export, MCMC starts, and importance weights with the mixture of the Laplace
 approximations as the proposal (PSIS's :math:`\hat k` says whether it suffices).
 The same params start a variational fit there (a warm start):
-``EnsembleSVI(model, AutoMultivariateNormal(model), ...).run(..., init_params=params)``.
+``EnsembleSVI(model, AutoMultivariateNormal(model), ...).run(..., init_params=params)``;
+:func:`~numpyro_ensemble.laplace_init_params` gives the start for ``AutoNormal``,
+``AutoDiagonalNormal`` and ``AutoLowRankMultivariateNormal`` members.
 
 A member whose Hessian is not positive definite (a saddle, a flat direction) has
 no Laplace approximation: its params are NaN, so it is excluded like a diverged

@@ -9,7 +9,13 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.infer import Trace_ELBO
-from numpyro.infer.autoguide import AutoLaplaceApproximation, AutoMultivariateNormal
+from numpyro.infer.autoguide import (
+    AutoDiagonalNormal,
+    AutoLaplaceApproximation,
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 import optax
 import pytest
 
@@ -19,6 +25,7 @@ from numpyro_ensemble import (
     ensemble_predictive,
     ensemble_summary,
     importance_weights,
+    laplace_init_params,
     laplace_members,
     mcmc_init_params,
     sample_posterior,
@@ -187,3 +194,75 @@ def test_the_verdict_says_not_converged_for_a_short_adam_run_and_not_for_lbfgs()
     assert summary.converged.all() and "not converged" not in summary.verdict
     assert summary.num_modes == 1 and "agree" in summary.verdict
     assert "converged" in str(summary).splitlines()[0]
+
+
+# A correlated 4-d Gaussian and a positive site: the Laplace approximation is exact in
+# (x, log s), so every guide family's start is known in closed form.
+MVN_MEAN = np.array([1.0, -2.0, 0.5, 3.0])
+MVN_COV = 0.8 ** np.abs(np.subtract.outer(np.arange(4), np.arange(4))) * np.outer(
+    [1.0, 2.0, 0.5, 1.5], [1.0, 2.0, 0.5, 1.5]
+)
+
+
+def gaussian_and_scale():
+    numpyro.sample("x", dist.MultivariateNormal(jnp.asarray(MVN_MEAN), jnp.asarray(MVN_COV)))
+    numpyro.sample("s", dist.LogNormal(0.2, 0.4))
+
+
+@pytest.mark.filterwarnings("ignore::numpyro_ensemble.IdenticalMembersWarning")  # one mode
+def test_laplace_init_params_start_each_guide_family_at_its_closest_gaussian():
+    ens = EnsembleMAP(gaussian_and_scale, ensemble_size=2)
+    laplace, laplace_params = laplace_members(
+        ens, ens.run(random.key(0), 100, progress_bar=False).params
+    )
+    covariance = np.zeros((5, 5))  # the latent vector is (x, log s)
+    covariance[:4, :4], covariance[4, 4] = MVN_COV, 0.4**2
+    mean = np.append(MVN_MEAN, 0.2)
+    mean_field_sd = 1 / np.sqrt(np.diag(np.linalg.inv(covariance)))
+    assert (mean_field_sd < np.sqrt(np.diag(covariance)) - 0.1).any()  # a different answer
+
+    def start(guide):
+        svi = EnsembleSVI(gaussian_and_scale, guide, optax.adam(1e-3), Trace_ELBO(),
+                          ensemble_size=2)
+        init = laplace_init_params(laplace, laplace_params, guide)
+        return svi.get_params(svi.init(random.key(1), init_params=init))
+
+    normal = start(AutoNormal(gaussian_and_scale))
+    np.testing.assert_allclose(normal["x_auto_loc"], np.tile(MVN_MEAN, (2, 1)), rtol=1e-3)
+    np.testing.assert_allclose(normal["s_auto_loc"], 0.2, rtol=1e-3)
+    np.testing.assert_allclose(normal["x_auto_scale"][1], mean_field_sd[:4], rtol=1e-3)
+    np.testing.assert_allclose(normal["s_auto_scale"], 0.4, rtol=1e-3)
+
+    diagonal = start(AutoDiagonalNormal(gaussian_and_scale, prefix="diag"))
+    np.testing.assert_allclose(diagonal["diag_loc"][0], mean, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(diagonal["diag_scale"][0], mean_field_sd, rtol=1e-3)
+
+    def low_rank_covariance(params, e=0):
+        scale = np.asarray(params["auto_scale"][e], np.float64)
+        factor = np.asarray(params["auto_cov_factor"][e], np.float64) * scale[:, None]
+        return factor @ factor.T + np.diag(scale**2)
+
+    full = start(AutoLowRankMultivariateNormal(gaussian_and_scale, rank=5))
+    np.testing.assert_allclose(low_rank_covariance(full), covariance, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(full["auto_loc"][1], mean, rtol=1e-3, atol=1e-4)
+
+    def eigenvalues(c):  # of c / (sd sd^T), sd the posterior's, descending
+        sd = np.sqrt(np.diag(covariance))
+        return np.linalg.eigvalsh(c / np.outer(sd, sd))[::-1]
+
+    rank2 = start(AutoLowRankMultivariateNormal(gaussian_and_scale, rank=2))
+    assert rank2["auto_cov_factor"].shape == (2, 5, 2)
+    np.testing.assert_allclose(
+        eigenvalues(low_rank_covariance(rank2))[:2], eigenvalues(covariance)[:2], rtol=1e-3
+    )
+
+    mvn = start(AutoMultivariateNormal(gaussian_and_scale))
+    for name in ("auto_loc", "auto_scale_tril"):
+        np.testing.assert_allclose(mvn[name], laplace_params[name], rtol=1e-5, atol=1e-7)
+
+    with pytest.raises(TypeError, match="laplace must be the ensemble laplace_members returned"):
+        laplace_init_params(ens, laplace_params, AutoNormal(gaussian_and_scale))
+    with pytest.raises(ValueError, match="guide is of another model"):
+        laplace_init_params(laplace, laplace_params, AutoNormal(regression))
+    with pytest.raises(TypeError, match="guide must be an AutoNormal"):
+        laplace_init_params(laplace, laplace_params, AutoLaplaceApproximation(gaussian_and_scale))
