@@ -1,7 +1,8 @@
 """What to trust in a fitted ensemble: per-member fit, weights, modes and a verdict.
 
 :func:`ensemble_summary` puts, for each member, its final loss, the loss trend
-over the last 10% of steps, whether it diverged, its weight, the distance to the
+over the last 10% of steps, how much a Newton step would still lower the loss
+(:mod:`numpyro_ensemble.convergence`), whether it converged and whether it diverged, its weight, the distance to the
 nearest other member and a mode label next to the ensemble's R-hat and ESS across
 members (members as chains, NumPyro's own diagnostics), the importance weights'
 Pareto k, the number of distinct modes and a one-line verdict.
@@ -21,8 +22,9 @@ from scipy.spatial.distance import squareform
 
 from numpyro_ensemble import laplace
 from numpyro_ensemble._checks import check_ensemble, check_key, check_positive_int
+from numpyro_ensemble.convergence import newton_decrement
 from numpyro_ensemble.health import finite_members, usable_params
-from numpyro_ensemble.importance import importance_weights
+from numpyro_ensemble.importance import UnusableWeights, importance_weights
 from numpyro_ensemble.posterior import _check_params, draw_guides, guide_sites
 from numpyro_ensemble.stacking import stacking_weights
 from numpyro_ensemble.weights import ImportanceWeights, StackingWeights, member_weights_of
@@ -44,8 +46,13 @@ class EnsembleSummary(NamedTuple):
     diverged: np.ndarray
     """``(E,)`` a non-finite loss at any step, or non-finite params."""
     converged: np.ndarray | None
-    """``(E,)`` the member's loss has stopped falling (see :func:`ensemble_summary`);
-    None without the losses (params passed instead of ``run``'s result)."""
+    """``(E,)`` the member's loss has stopped falling and is within
+    ``CONVERGENCE_TOLERANCE`` of the optimum its Newton step predicts (see
+    :func:`ensemble_summary`); None without the losses (params passed instead of
+    ``run``'s result)."""
+    to_go: np.ndarray
+    """``(E,)`` how much a Newton step would still lower the member's loss, in nats
+    (:mod:`numpyro_ensemble.convergence`; NaN where not computed)."""
     weight: np.ndarray
     """``(E,)`` the member weights used (importance, stacking or given)."""
     weight_kind: str
@@ -66,14 +73,15 @@ class EnsembleSummary(NamedTuple):
     verdict: str
 
     def __str__(self) -> str:
-        head = f"{'member':>8} {'final loss':>12} {'trend':>10} {'converged':>10} {'diverged':>9} "
+        head = f"{'member':>8} {'final loss':>12} {'trend':>10} {'to go':>9} {'converged':>10} "
+        head += f"{'diverged':>9} "
         head += f"{self.weight_kind + ' w':>14} {'nearest':>9} {'mode':>5}"
         lines = [head]
         for e in range(self.final_loss.shape[0]):
             converged = "?" if self.converged is None else "yes" if self.converged[e] else "no"
             lines.append(
                 f"{e:>8} {self.final_loss[e]:>12.4g} {self.loss_trend[e]:>10.3g} "
-                f"{converged:>10} {'yes' if self.diverged[e] else 'no':>9} "
+                f"{self.to_go[e]:>9.3g} {converged:>10} {'yes' if self.diverged[e] else 'no':>9} "
                 f"{self.weight[e]:>14.3f} {self.nearest[e]:>9.3g} {self.mode[e]:>5}"
             )
         lines.append("")
@@ -106,13 +114,16 @@ def _trend(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return slope * (n - 1), scatter / np.sqrt((t * t).sum()) * (n - 1)
 
 
-def _converged(change: np.ndarray, error: np.ndarray) -> np.ndarray:
+def _converged(change, error, to_go, to_go_error) -> np.ndarray:
     """A member has converged unless its loss still falls, clearly (beyond twice the
-    standard error of the fall) and by more than ``CONVERGENCE_TOLERANCE``. Too few
-    steps to tell count as not converged."""
+    standard error of the fall) and by more than ``CONVERGENCE_TOLERANCE``, or a Newton
+    step would still lower it clearly by more than that (a member creeping along a
+    ridge, whose loss falls by less than its noise per window). Too few steps to tell
+    count as not converged."""
     with np.errstate(invalid="ignore"):
         falling = change < -np.maximum(2 * error, CONVERGENCE_TOLERANCE)
-    return ~falling & np.isfinite(change)
+        far = to_go > np.maximum(2 * to_go_error, CONVERGENCE_TOLERANCE)
+    return ~falling & ~far & np.isfinite(change)
 
 
 def _modes(draws: dict, usable: np.ndarray, point: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +156,8 @@ def _modes(draws: dict, usable: np.ndarray, point: bool) -> tuple[np.ndarray, np
     return nearest, mode
 
 
-def _verdict(diverged, converged, num_modes, r_hat, pareto_k, weight_kind, weight) -> str:
+def _verdict(diverged, converged, num_modes, r_hat, pareto_k, weight_kind, weight,
+             unusable="") -> str:
     """Causes in order: diverged members, members not converged (nothing about their
     draws is trusted), then modes, spread and weights among the converged members."""
     parts = []
@@ -155,7 +167,8 @@ def _verdict(diverged, converged, num_modes, r_hat, pareto_k, weight_kind, weigh
     if waiting.any():
         parts.append(
             f"members {np.flatnonzero(waiting).tolist()} have not converged (their loss still "
-            f"falls over the last 10% of steps): do not use their draws yet; run more steps, "
+            f"falls over the last 10% of steps, or a Newton step would lower it further: "
+            f"'to go'): do not use their draws yet; run more steps, "
             f"or start from L-BFGS points (EnsembleMAP's default optimizer) or their Laplace "
             f"approximations (laplace_members), or rescale the model's inputs"
         )
@@ -175,7 +188,9 @@ def _verdict(diverged, converged, num_modes, r_hat, pareto_k, weight_kind, weigh
             f"warm-started from the ensemble (nuts_warm_start) settles it"
         )
     if weight_kind == "importance":
-        if waiting.any():
+        if unusable:
+            parts.append(f"no importance weights ({unusable}): do not use weighted draws")
+        elif waiting.any():
             parts.append("recompute the importance weights once every member has converged")
         elif pareto_k < 0.7:
             trust = "can be trusted" if converged is not None else (
@@ -214,6 +229,12 @@ def ensemble_summary(
     ``1% * (1 + |median point|)``; members closer than 1 are one mode
     (single-linkage clustering, SciPy).
 
+    With ``run``'s result, a member has converged when its loss no longer falls
+    over the last 10% of steps and a Newton step from its params would not lower
+    the loss by more than 0.05 nats (``to go``; for a point, 0.05 nats is about 0.3
+    posterior sds from the optimum), either beyond twice the noise of the estimate.
+    Modes, spread and weights are judged among the converged members only.
+
     :param ensemble: a fitted :class:`~numpyro_ensemble.EnsembleSVI` or ``EnsembleMAP``.
     :param jax.random.key rng_key: random number generator seed.
     :param result: ``run(...)``'s :data:`~numpyro.infer.svi.SVIRunResult` (for the
@@ -250,26 +271,38 @@ def ensemble_summary(
     if not jax.tree.leaves(draws):  # no latent sites (e.g. a network's params): members are points
         draws = jax.tree.map(lambda v: np.asarray(v)[:, None], safe)
     pareto_k = np.nan
-    if weights is None:
-        weights = (
-            stacking_weights(ensemble, weight_key, params, *args, num_samples=num_samples, **kwargs)
-            if point
-            else importance_weights(
+    unusable = ""
+    if weights is None and point:
+        weights = stacking_weights(
+            ensemble, weight_key, params, *args, num_samples=num_samples, **kwargs
+        )
+    elif weights is None:
+        try:
+            weights = importance_weights(
                 ensemble, weight_key, params, *args, num_samples=num_samples, **kwargs
             )
-        )
+        except UnusableWeights as error:  # a verdict, not an error
+            unusable = str(error).removeprefix("importance_weights: ").rstrip(".")
     kind = (
         "importance"
-        if isinstance(weights, ImportanceWeights)
+        if unusable or isinstance(weights, ImportanceWeights)
         else "stacking"
         if isinstance(weights, StackingWeights)
         else "given"
     )
     if isinstance(weights, ImportanceWeights):
         pareto_k = weights.pareto_k
-    weight = np.where(diverged, 0.0, member_weights_of(weights, E))
+    weight = (
+        np.full(E, np.nan) if unusable else np.where(diverged, 0.0, member_weights_of(weights, E))
+    )
     change, error = (np.full(E, np.nan),) * 2 if losses is None else _trend(losses)
-    converged = None if losses is None else _converged(change, error)
+    to_go, to_go_error = np.full(E, np.nan), np.full(E, np.nan)
+    if losses is not None:
+        to_go, to_go_error = newton_decrement(
+            ensemble, jax.random.fold_in(rng_key, 3), safe, args, kwargs, point
+        )
+        to_go = np.where(diverged, np.nan, to_go)
+    converged = None if losses is None else _converged(change, error, to_go, to_go_error)
     counted = usable & ~diverged if converged is None else usable & ~diverged & converged
     if not counted.any():
         counted = usable  # nothing converged: the modes of all, for the table only
@@ -293,6 +326,7 @@ def ensemble_summary(
         loss_trend=change,
         diverged=diverged,
         converged=converged,
+        to_go=to_go,
         weight=weight,
         weight_kind=kind,
         nearest=nearest,
@@ -301,5 +335,5 @@ def ensemble_summary(
         r_hat=r_hat,
         ess=ess,
         pareto_k=float(pareto_k),
-        verdict=_verdict(diverged, converged, num_modes, r_hat, pareto_k, kind, weight),
+        verdict=_verdict(diverged, converged, num_modes, r_hat, pareto_k, kind, weight, unusable),
     )

@@ -32,7 +32,12 @@ from numpyro_ensemble.members import has_per_member, map_members, merge_args
 from numpyro_ensemble.posterior import _check_params, draw_guides, guide_sites, model_params
 from numpyro_ensemble.weights import ImportanceWeights, psis
 
-__all__ = ["importance_weights", "full_data"]
+__all__ = ["importance_weights", "full_data", "UnusableWeights"]
+
+
+class UnusableWeights(ValueError):
+    """No draw of any member has a usable importance weight (``ensemble_summary``
+    reports it in its verdict instead of raising)."""
 
 
 def full_data(model, plates):
@@ -68,7 +73,7 @@ def proper_densities(log_qs: np.ndarray, finite: np.ndarray, num_samples: int) -
     left_out = np.flatnonzero(finite & ~proper).tolist()
     if left_out:
         if not (finite & proper).any():
-            raise ValueError(
+            raise UnusableWeights(
                 f"importance_weights: the guide density of every member is NaN or +inf at "
                 f"the ensemble's draws (members {left_out}); check the guide's scales."
             )
@@ -162,11 +167,17 @@ def importance_weights(
     raw = np.where(finite[:, None] & np.isfinite(raw), raw, -np.inf)
     valid = np.isfinite(raw)
     if not valid.any():
-        raise ValueError(
+        raise UnusableWeights(
             "importance_weights: no draw has a finite log density under the model; "
             "check the data and the params."
         )
     smoothed, k = psis(raw[valid])
+    kept = np.isfinite(smoothed)
+    if not kept.all():  # a failed smoothing must not poison the other members' weights
+        if not kept.any():
+            raise UnusableWeights("importance_weights: PSIS gave no finite weight.")
+        smoothed = np.where(kept, smoothed - np.logaddexp.reduce(smoothed[kept]), -np.inf)
+        k = np.inf  # weights the smoothing could not handle are not to be trusted
     log_weights = np.full((E, S), -np.inf)
     log_weights[valid] = smoothed
     member = np.exp(logsumexp(log_weights, axis=1))

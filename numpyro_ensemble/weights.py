@@ -105,6 +105,8 @@ def resample(rng_key: PRNGKeyArray, draws: dict, log_weights, num_draws: int) ->
 # Log weights that all lie within this many nats (weights within 1% of each other)
 # are equal for every purpose: importance sampling with them is exact.
 FLAT_LOG_WEIGHTS = 1e-2
+# The largest float32 with a finite spacing (np.spacing(float32 max) is inf).
+_FLOAT32_BELOW_MAX = float(np.nextafter(np.finfo(np.float32).max, np.float32(0)))
 
 
 def psis(log_weights) -> tuple[np.ndarray, np.ndarray]:
@@ -118,13 +120,17 @@ def psis(log_weights) -> tuple[np.ndarray, np.ndarray]:
     sub-rounding dither (half a float32 unit in the last place) breaks the ties.
     Weights that are constant even so, or within ``FLAT_LOG_WEIGHTS`` of each other (a
     guide equal to the posterior, up to rounding: the tail fit of such weights is
-    meaningless), are returned unsmoothed with :math:`\hat k = -\infty`. With fewer than
+    meaningless), are returned unsmoothed with :math:`\hat k = -\infty`; weights whose
+    tail fit fails otherwise, unsmoothed with :math:`\hat k = \infty`. With fewer than
     five draws in the tail (fewer than 25 draws in all) the tail cannot be fitted: the
     weights are returned unsmoothed with :math:`\hat k = \infty` (ArviZ 0.x's convention;
     ArviZ 1.x raises).
     """
     log_weights = np.asarray(log_weights, dtype=np.float64)
-    magnitude = np.minimum(np.abs(log_weights), np.finfo(np.float32).max)  # no overflow
+    # Capped one step below float32's largest value, whose spacing is infinite: log
+    # weights beyond float32's range (finite in float64, e.g. -1e71 at draws where a
+    # member's recursion explodes) got a dither of +-inf, and every weight became NaN.
+    magnitude = np.minimum(np.abs(log_weights), _FLOAT32_BELOW_MAX)
     ulp = np.spacing(magnitude.astype(np.float32)).astype(np.float64)
     log_weights = log_weights + np.random.default_rng(0).uniform(-0.5, 0.5, log_weights.shape) * ulp
     raw = log_weights - logsumexp(log_weights, axis=-1, keepdims=True)
@@ -142,7 +148,8 @@ def psis(log_weights) -> tuple[np.ndarray, np.ndarray]:
     failed = ~np.isfinite(smoothed).all(axis=-1) | np.isnan(k) | flat
     if failed.any():
         smoothed = np.where(failed[..., None], raw, smoothed)
-        k = np.where(failed, -np.inf, k)
+        # flat: exact (k = -inf); a tail fit that failed otherwise: not to be trusted
+        k = np.where(flat, -np.inf, np.where(failed, np.inf, k))
     return smoothed, k
 
 

@@ -266,3 +266,40 @@ def test_laplace_init_params_start_each_guide_family_at_its_closest_gaussian():
         laplace_init_params(laplace, laplace_params, AutoNormal(regression))
     with pytest.raises(TypeError, match="guide must be an AutoNormal"):
         laplace_init_params(laplace, laplace_params, AutoLaplaceApproximation(gaussian_and_scale))
+
+
+def test_to_go_is_how_far_the_loss_is_above_its_optimum():
+    # Members whose loss no longer moves (flat losses) but sit 0, 1 and 2 posterior sds
+    # from the optimum along the ridge of the -0.99-correlated posterior: a Newton step
+    # would lower the loss by delta^2 / 2 (exact for this quadratic loss), and the
+    # summary must not call the far ones converged.
+    from numpyro.infer.svi import SVIRunResult
+
+    mean, covariance = analytic_posterior()
+    eigenvalues, vectors = np.linalg.eigh(covariance)
+    ridge = vectors[:, -1] * np.sqrt(eigenvalues[-1])  # one sd along the long axis
+    points = np.stack([mean, mean + ridge, mean - 2 * ridge]).astype(np.float32)
+    flat = jnp.zeros((3, 50))
+    ens = EnsembleMAP(regression, optax.adam(1e-3), ensemble_size=3)
+    state = ens.init(random.key(0), X, Y, init_params={"a": points[:, 0], "b": points[:, 1]})
+    summary = ensemble_summary(ens, random.key(1), SVIRunResult(ens.get_params(state), state, flat), X, Y)
+    np.testing.assert_allclose(summary.to_go, [0.0, 0.5, 2.0], atol=0.02)
+    assert summary.converged.tolist() == [True, False, False]
+    assert "members [1, 2] have not converged" in summary.verdict
+
+    # Mean-field members: at the variational optimum (loc the mean, scale 1/sqrt(diag P))
+    # the noise-corrected estimate is within its noise; 2 sds off in loc it is 2 nats.
+    from numpyro.infer.autoguide import AutoNormal as Normal
+
+    svi = EnsembleSVI(regression, Normal(regression), optax.adam(1e-3), Trace_ELBO(),
+                      ensemble_size=2)
+    scale = 1 / np.sqrt(np.diag(np.linalg.inv(covariance)))
+    locs = np.stack([mean, mean - 2 * ridge]).astype(np.float32)
+    init = {"a_auto_loc": locs[:, 0], "b_auto_loc": locs[:, 1],
+            "a_auto_scale": np.full(2, scale[0], np.float32),
+            "b_auto_scale": np.full(2, scale[1], np.float32)}
+    state = svi.init(random.key(0), X, Y, init_params=init)
+    summary = ensemble_summary(svi, random.key(1), SVIRunResult(svi.get_params(state), state, flat[:2]), X, Y)
+    assert summary.converged.tolist() == [True, False]
+    assert abs(summary.to_go[0]) < 0.05
+    np.testing.assert_allclose(summary.to_go[1], 2.0, rtol=0.25)

@@ -230,10 +230,16 @@ def test_a_params_only_ensemble_predicts_stacks_and_summarises():
     stacked = stacking_weights(svi, random.key(2), moved.params, x, y)
     np.testing.assert_allclose(stacked.member_weights.sum(), 1.0, rtol=1e-5)
     assert stacked.member_weights[0] > 0.99 and stacked.elpd_loo > stacked.elpd_loo_equal
-    summary = ensemble_summary(svi, random.key(3), moved, x, y)
+    summary = ensemble_summary(svi, random.key(3), moved.params, x, y)
     assert summary.weight_kind == "stacking" and summary.weight[0] > 0.99
     assert summary.num_modes == 3 and len(set(summary.mode.tolist())) == 3
     assert "3 distinct modes" in summary.verdict and "one member carries" in summary.verdict
+    # With the (stale) losses: moved members are not at an optimum of their loss, and the
+    # Newton step says so (the loss alone would look converged).
+    summary = ensemble_summary(svi, random.key(3), moved, x, y)
     np.testing.assert_allclose(summary.final_loss, result.losses[:, -1])
+    assert summary.converged.tolist() == [True, False, False]
+    assert summary.to_go[0] < 0.05 and (summary.to_go[1:] > 10).all()
+    assert "members [1, 2] have not converged" in summary.verdict
     with pytest.raises(ValueError, match="no latent sites"):
         importance_weights(svi, random.key(4), result.params, x, y)

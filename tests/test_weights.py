@@ -286,6 +286,35 @@ def test_a_degenerate_member_is_left_out_of_the_mixture():
     np.testing.assert_allclose(np.asarray(draws["mu"].std(0)), POST_SD, rtol=0.05)
 
 
+def test_log_weights_beyond_float32s_range_get_weight_zero_not_nan():
+    # float64 log densities can pass float32's largest value (3.4e38), e.g. -1e71 at the
+    # draws of an explosive ARMA member: the float32 dither had an infinite spacing there
+    # (np.spacing(float32 max) = inf) and turned every weight into NaN.
+    from numpyro_ensemble.weights import psis
+
+    good = np.random.default_rng(0).normal(size=90)
+    huge = [-1e39] * 8 + [-float(np.finfo(np.float32).max), -1e71]
+    smoothed, k = psis(np.concatenate([good, huge]))
+    assert np.isfinite(smoothed).all() and np.isfinite(k)
+    assert np.exp(smoothed[90:]).sum() == 0
+    np.testing.assert_allclose(np.exp(smoothed).sum(), 1.0, rtol=1e-12)
+
+
+def test_ensemble_summary_gives_a_verdict_when_no_draw_can_be_weighted():
+    # Both members sit where the model's log density is -inf (|mu| > 3) at every draw:
+    # importance_weights raises, and ensemble_summary says so in its verdict instead.
+    def bounded():
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.factor("bound", jnp.where(jnp.abs(mu) < 3, 0.0, -jnp.inf))
+
+    svi, params = svi_at(bounded, [10.0, 12.0], [0.5, 0.5])
+    with pytest.raises(ValueError, match="no draw has a finite log density"):
+        importance_weights(svi, random.key(1), params, num_samples=50)
+    summary = ensemble_summary(svi, random.key(1), params, num_samples=50)
+    assert summary.weight_kind == "importance" and np.isnan(summary.weight).all()
+    assert "no importance weights (no draw has a finite log density" in summary.verdict
+
+
 def test_too_few_draws_for_a_pareto_fit_give_raw_weights_and_infinite_k():
     # 8 draws leave a tail of 1-2 (ArviZ 1.x raises, 0.x returns k = inf): the weights come
     # back normalised and unsmoothed, k = inf, and the verdict machinery sees "unreliable".

@@ -1,0 +1,123 @@
+r"""How far each member's loss still is from its optimum: the Newton decrement.
+
+A loss that has stopped falling is not an optimum: on an ill-conditioned posterior
+(a regression on unscaled inputs) Adam creeps along a ridge, and the loss changes
+by less than its noise per window while the member is many posterior sds away. The
+local quadratic model of the loss says how much is left. With :math:`g` the
+gradient and :math:`H` the Hessian of member :math:`e`'s loss in its unconstrained
+params, a Newton step would lower the loss by
+
+.. math::
+
+    \Delta_e = \tfrac12\, g^\top |H|^{-1} g ,
+
+(:math:`|H|` with the absolute values of :math:`H`'s eigenvalues, so a saddle counts
+by its steepness). For a point member (``EnsembleMAP``, ``AutoDelta``) the loss is
+deterministic and :math:`\Delta_e` exact for a quadratic loss: a member
+:math:`\delta` posterior sds from the mode along the worst direction has
+:math:`\Delta_e = \delta^2 / 2`. For a Monte Carlo ELBO, :math:`g` is the mean of
+per-draw gradients :math:`g_s` over ``num_particles`` draws of the member's guide
+(fixed draws, so :math:`H` is the Hessian of that sample average), and the noise in
+:math:`\hat g` is taken out: :math:`\hat\Delta_e = \tfrac12(\hat g^\top A \hat g -
+\operatorname{tr}(A \hat C))` with :math:`A = |H|^{-1}` and :math:`\hat C` the
+covariance of :math:`\hat g`, with its standard error
+:math:`\tfrac12 (4 \hat g^\top A \hat C A \hat g + 2 \operatorname{tr}((A \hat C)^2))^{1/2}`
+(a Gaussian :math:`\hat g`). A member has not converged when :math:`\hat\Delta_e`
+exceeds both ``tolerance`` and twice its standard error.
+
+Computed on the full data with each member's own loss (its hyperparameters, its
+per-member data), one jitted pass; skipped (NaN) where the model subsamples a plate
+(a mini-batch loss) or a member has more than :data:`MAX_PARAMS` params (the
+Hessian is :math:`d \times d`).
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import random
+from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import numpy as np
+
+from numpyro_ensemble.members import SplitArgs, apply_members
+
+__all__ = ["newton_decrement"]
+
+# Members with more params than this are not checked (a d x d Hessian per member).
+MAX_PARAMS = 200
+# Draws of the guide per member for a Monte Carlo ELBO's gradient and Hessian.
+NUM_PARTICLES = 64
+
+
+def newton_decrement(ensemble, rng_key, params, args, kwargs, point: bool):
+    """``(decrement, standard_error)``, each ``(E,)`` in nats (NaN where not
+    computed; see :mod:`numpyro_ensemble.convergence`). ``point``: every latent site
+    is a point of the guide, so the loss is deterministic (one evaluation)."""
+    E = ensemble.ensemble_size
+    missing = np.full(E, np.nan), np.full(E, np.nan)
+    split = ensemble._split(args, kwargs)
+    transforms = getattr(ensemble.constrain_fn, "args", (None,))[0]
+    if ensemble._inspect(split).plates or not isinstance(transforms, dict):
+        return missing
+    dim = sum(int(np.prod(np.shape(v)[1:])) for v in jax.tree.leaves(params))
+    if dim > MAX_PARAMS:
+        return missing
+    unconstrained = {
+        name: transforms[name].inv(value) if name in transforms else value
+        for name, value in params.items()
+    }
+    particles = 1 if point else NUM_PARTICLES
+    programs = ensemble.__dict__.setdefault("_newton_programs", {})
+    key = (split.axes, split.static, particles)
+    if key not in programs:
+        programs[key] = _program(ensemble, split, particles)
+    keys = random.split(rng_key, E)
+    decrement, error = programs[key](unconstrained, ensemble._hyperparams, keys, split.dynamic)
+    return np.array(decrement, np.float64), np.array(error, np.float64)
+
+
+def _program(ensemble, split, particles):
+    def member(m, args, kwargs):
+        unconstrained, hyperparams, key = m
+        svi = ensemble._member(hyperparams=hyperparams)
+        flat, unravel = ravel_pytree(unconstrained)
+
+        def loss(f, k):
+            return svi.loss.loss(
+                k, svi.constrain_fn(unravel(f)), svi.model, svi.guide,
+                *args, **kwargs, **svi.static_kwargs,
+            )
+
+        keys = random.split(key, particles)
+        grads = jax.vmap(jax.grad(loss), (None, 0))(flat, keys)
+        hessian = jax.hessian(lambda f: jnp.mean(jax.vmap(loss, (None, 0))(f, keys)))(flat)
+        return _decrement(grads, hessian)
+
+    @jax.jit
+    def run(unconstrained, hyperparams, keys, dynamic):
+        return apply_members(
+            member,
+            (unconstrained, hyperparams, keys),
+            SplitArgs(dynamic, split.axes, split.static),
+            mesh=ensemble.mesh,
+            members_per_chunk=ensemble.members_per_chunk,
+        )
+
+    return run
+
+
+def _decrement(grads, hessian):
+    """The noise-corrected Newton decrement and its standard error from per-draw
+    gradients ``(S, d)`` and the Hessian ``(d, d)`` (see the module's docstring)."""
+    num = grads.shape[0]
+    g = grads.mean(axis=0)
+    eigenvalues, vectors = jnp.linalg.eigh(0.5 * (hessian + hessian.T))
+    magnitude = jnp.abs(eigenvalues)
+    floor = jnp.finfo(g.dtype).eps * jnp.max(magnitude)
+    inverse = (vectors / jnp.maximum(magnitude, floor)) @ vectors.T  # |H|^-1
+    centred = grads - g
+    covariance = centred.T @ centred / max(num - 1, 1) / num  # of the mean gradient
+    ac = inverse @ covariance
+    decrement = 0.5 * (g @ inverse @ g - jnp.trace(ac))
+    variance = 4.0 * g @ inverse @ covariance @ inverse @ g + 2.0 * jnp.trace(ac @ ac)
+    return decrement, 0.5 * jnp.sqrt(jnp.maximum(variance, 0.0))
