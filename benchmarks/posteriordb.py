@@ -70,6 +70,8 @@ from posteriordb_models import POSTERIORS, synthetic  # noqa: E402
 
 SYNTHETIC = "synthetic-correlated_regression"
 METHODS = ("adam", "lbfgs", "laplace", "laplace IS", "mvn warm", "mvn warm IS", "nuts")
+# --methods: "lbfgs" runs the L-BFGS points and everything built on them.
+GROUPS = ("adam", "lbfgs", "nuts")
 # Thresholds of the translation check (--check): NUTS against the reference draws.
 CHECK_MEAN, CHECK_LOG_SD = 0.1, math.log(1.1)
 
@@ -266,13 +268,16 @@ def run_nuts(model, args, sizes, key):
     return samples, seconds, divergences, moved
 
 
-def benchmark(name, translation, data, reference_chains, sizes, seed=0):
-    """Every method on one posterior: a list of rows (dicts). A method that raises gets
-    a row saying so (and the methods that start from it do too): a failure is a result."""
+def benchmark(name, translation, data, reference_chains, sizes, seed=0, groups=GROUPS):
+    """Every method on one posterior (those of ``groups``): a list of rows (dicts). A
+    method that raises gets a row saying so (and the methods that start from it do
+    too): a failure is a result. Each group draws from its own keys, so a group gives
+    the same rows run alone (``--methods``) as in a full run."""
     model, args = translation.model, translation.args(data)
     reference = pooled(reference_chains)
     wanted = set(reference)
-    keys = iter(random.split(random.key(seed), 16))
+    all_keys = random.split(random.key(seed), 16)
+    keys = iter(all_keys)
     E, S = sizes.ensemble_size, sizes.draws
     rows = []
 
@@ -317,6 +322,8 @@ def benchmark(name, translation, data, reference_chains, sizes, seed=0):
 
     # 1. Adam, AutoNormal, equal weights
     try:
+        if "adam" not in groups:
+            raise _Skipped
         adam = EnsembleSVI(
             model, AutoNormal(model), optax.adam(0.01), Trace_ELBO(), ensemble_size=E
         )
@@ -329,11 +336,16 @@ def benchmark(name, translation, data, reference_chains, sizes, seed=0):
         (adam_result, adam_draws), t_adam = timed(fit_adam)
         _, verdict = summary(adam, adam_result)
         row("adam", flat_draws(adam_draws), t_adam, verdict=verdict)
+    except _Skipped:
+        pass
     except Exception as error:  # noqa: BLE001 -- any failure is a row of the table
         failed(["adam"], error)
 
     # 2. L-BFGS MAP points; 3. Laplace members around them; 4. AutoMVN started there
+    keys = iter(all_keys[3:])  # Adam's group draws 3 keys
     try:
+        if "lbfgs" not in groups:
+            raise _Skipped
         lbfgs = EnsembleMAP(model, ensemble_size=E)
 
         def fit_map():
@@ -412,19 +424,30 @@ def benchmark(name, translation, data, reference_chains, sizes, seed=0):
             log_weights=mvn_weights.log_weights, k=mvn_weights.pareto_k, verdict=verdict,
             note=weights_note(mvn_weights),
         )
+    except _Skipped:
+        pass
     except Exception as error:  # noqa: BLE001 -- any failure is a row of the table
         failed(["lbfgs", "laplace", "laplace IS", "mvn warm", "mvn warm IS"], error)
 
     # 5. NUTS, default settings
+    keys = iter(all_keys[12:])  # L-BFGS's group draws 9 keys
     try:
+        if "nuts" not in groups:
+            raise _Skipped
         samples, t_nuts, divergences, moved = run_nuts(model, args, sizes, next(keys))
         notes = [f"{divergences} divergent"] if divergences else []
         if not moved.all():
             notes.append(f"{int((~moved).sum())} of {moved.size} chains stuck at their start")
         row("nuts", dict(samples), t_nuts, note=", ".join(notes))
+    except _Skipped:
+        pass
     except Exception as error:  # noqa: BLE001 -- any failure is a row of the table
         failed(["nuts"], error)
     return rows
+
+
+class _Skipped(Exception):
+    """A group of methods left out with ``--methods``."""
 
 
 def check(name, translation, data, reference_chains, sizes, seed=0):
@@ -534,6 +557,10 @@ def argument_parser(description: str, check: bool = True) -> argparse.ArgumentPa
                             help="the translation check: NUTS against the reference draws")
     parser.add_argument("--quick", action="store_true", help="few steps and draws (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
+    if check:
+        parser.add_argument("--methods", nargs="+", choices=GROUPS, default=list(GROUPS),
+                            help="groups of methods to run (lbfgs: L-BFGS, Laplace, warm "
+                                 "AutoMVN); default: all")
     parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     return parser
 
@@ -572,8 +599,10 @@ def main(argv=None):
                 rows.append(check(name, translation, data, reference, sizes, args.seed))
                 print(check_table(rows[-1:]).splitlines()[-1], flush=True)
             else:
-                rows.extend(benchmark(name, translation, data, reference, sizes, args.seed))
-                print(table(rows[-len(METHODS):]), flush=True)
+                new = benchmark(name, translation, data, reference, sizes, args.seed,
+                                args.methods)
+                rows.extend(new)
+                print(table(new), flush=True)
                 clear_compiled_programs()  # a posterior's programs are not used again
         print()
         print(check_table(rows) if args.check else table(rows))
