@@ -108,6 +108,9 @@ def laplace_members(ensemble, params: dict, *args, **kwargs) -> tuple:
         laplace, laplace_params = laplace_members(ens, result.params, x, y)
         weights = importance_weights(laplace, random.key(1), laplace_params, x, y)
         draws = sample_posterior(laplace, random.key(2), laplace_params, x, y, weights=weights)
+        # the Laplace members have no losses: the summary checks the points' run
+        summary = ensemble_summary(laplace, random.key(3), result._replace(params=laplace_params),
+                                   x, y, weights=weights)
 
     :param ensemble: a fitted :class:`~numpyro_ensemble.EnsembleSVI` or
         :class:`~numpyro_ensemble.EnsembleMAP` whose guide has a ``median``.
