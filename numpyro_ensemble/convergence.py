@@ -72,8 +72,7 @@ def newton_decrement(ensemble, rng_key, params, args, kwargs, point: bool):
     if key not in programs:
         programs[key] = _program(ensemble, split, particles)
     keys = random.split(rng_key, E)
-    decrement, error = programs[key](unconstrained, ensemble._hyperparams, keys, split.dynamic)
-    return np.array(decrement, np.float64), np.array(error, np.float64)
+    return _decrement(*programs[key](unconstrained, ensemble._hyperparams, keys, split.dynamic))
 
 
 def _program(ensemble, split, particles):
@@ -88,10 +87,15 @@ def _program(ensemble, split, particles):
                 *args, **kwargs, **svi.static_kwargs,
             )
 
-        keys = random.split(key, particles)
-        grads = jax.vmap(jax.grad(loss), (None, 0))(flat, keys)
-        hessian = jax.hessian(lambda f: jnp.mean(jax.vmap(loss, (None, 0))(f, keys)))(flat)
-        return _decrement(grads, hessian)
+        # One draw at a time (a scan), not vmapped over the draws: XLA:CPU was seen to
+        # hang running the draws' batched linear algebra (a GP's Cholesky) at once.
+        def one(carry, k):
+            grad = jax.grad(loss)(flat, k)
+            return carry + jax.hessian(loss)(flat, k), grad
+
+        zero = jnp.zeros((flat.size, flat.size), flat.dtype)
+        hessian, grads = jax.lax.scan(one, zero, random.split(key, particles))
+        return _moments(grads, hessian / particles)
 
     @jax.jit
     def run(unconstrained, hyperparams, keys, dynamic):
@@ -106,18 +110,31 @@ def _program(ensemble, split, particles):
     return run
 
 
-def _decrement(grads, hessian):
-    """The noise-corrected Newton decrement and its standard error from per-draw
-    gradients ``(S, d)`` and the Hessian ``(d, d)`` (see the module's docstring)."""
+def _moments(grads, hessian):
+    """The mean gradient, its covariance (of the mean, from the per-draw gradients
+    ``(S, d)``) and the symmetrised Hessian ``(d, d)``."""
     num = grads.shape[0]
     g = grads.mean(axis=0)
-    eigenvalues, vectors = jnp.linalg.eigh(0.5 * (hessian + hessian.T))
-    magnitude = jnp.abs(eigenvalues)
-    floor = jnp.finfo(g.dtype).eps * jnp.max(magnitude)
-    inverse = (vectors / jnp.maximum(magnitude, floor)) @ vectors.T  # |H|^-1
     centred = grads - g
-    covariance = centred.T @ centred / max(num - 1, 1) / num  # of the mean gradient
-    ac = inverse @ covariance
-    decrement = 0.5 * (g @ inverse @ g - jnp.trace(ac))
-    variance = 4.0 * g @ inverse @ covariance @ inverse @ g + 2.0 * jnp.trace(ac @ ac)
-    return decrement, 0.5 * jnp.sqrt(jnp.maximum(variance, 0.0))
+    covariance = centred.T @ centred / max(num - 1, 1) / num
+    return g, covariance, 0.5 * (hessian + hessian.T)
+
+
+def _decrement(g, covariance, hessian):
+    """The noise-corrected Newton decrement and its standard error per member (see the
+    module's docstring), in float64 NumPy: ``g`` ``(E, d)``, the others ``(E, d, d)``.
+    (On the host: small matrices, and no batched LAPACK calls in the program.)"""
+    g, covariance, hessian = (np.asarray(v, np.float64) for v in (g, covariance, hessian))
+    decrement, error = np.full(g.shape[0], np.nan), np.full(g.shape[0], np.nan)
+    for e in range(g.shape[0]):
+        if not (np.isfinite(hessian[e]).all() and np.isfinite(g[e]).all()):
+            continue
+        eigenvalues, vectors = np.linalg.eigh(hessian[e])
+        magnitude = np.abs(eigenvalues)
+        floor = np.finfo(np.float32).eps * magnitude.max()
+        inverse = (vectors / np.maximum(magnitude, floor)) @ vectors.T  # |H|^-1
+        ac = inverse @ covariance[e]
+        decrement[e] = 0.5 * (g[e] @ inverse @ g[e] - np.trace(ac))
+        variance = 4.0 * g[e] @ ac @ inverse @ g[e] + 2.0 * np.trace(ac @ ac)
+        error[e] = 0.5 * np.sqrt(max(variance, 0.0))
+    return decrement, error
