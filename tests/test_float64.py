@@ -9,6 +9,7 @@ not meet it.
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -38,7 +39,8 @@ from numpyro_ensemble import (
 )
 
 X64 = bool(jax.config.jax_enable_x64)
-cases = pytest.mark.skipif(not X64, reason="runs in the float64 subprocess (test_float64_suite)")
+cases = cases_mark = pytest.mark.skipif(not X64,
+                                        reason="runs in the float64 subprocess (test_float64_suite)")
 
 
 def normal_mean(y):
@@ -191,15 +193,42 @@ def test_lbfgs_finds_the_mode_of_an_ill_conditioned_regression():
         np.testing.assert_allclose(L @ L.T, covariance, rtol=1e-4)
 
 
+# The cases in two subprocesses (about a minute each), so that pytest-xdist's workers
+# can run them side by side; together the two groups are every case above.
+GROUPS = {
+    "lbfgs-map-svi": (
+        "test_lbfgs_finds_the_mode_of_an_ill_conditioned_regression",
+        "test_tempered_map_points_are_analytic_in_float64",
+        "test_member_equals_plain_svi_in_float64",
+        "test_a_member_with_log_densities_beyond_float32s_range_gets_weight_zero",
+    ),
+    "weights-stopping": (
+        "test_weights_draws_and_export_in_float64",
+        "test_early_stopping_and_checkpoints_in_float64",
+    ),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(X64, reason="this is the float64 run itself")
-def test_float64_suite():
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_float64_suite(group):
     """The cases above, in a process with float64 enabled (JAX_ENABLE_X64=1)."""
     env = {**os.environ, "JAX_ENABLE_X64": "1"}
     here = pathlib.Path(__file__)
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", str(here), "-n", "0", "-q"],
+        [sys.executable, "-m", "pytest", str(here), "-n", "0", "-q",
+         "-k", " or ".join(GROUPS[group])],
         cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
-    assert "6 passed" in out.stdout and "skipped" in out.stdout  # the cases ran, the driver not
+    # the group's cases ran and passed (none skipped: the driver is deselected)
+    summary = out.stdout.strip().splitlines()[-1]
+    assert re.match(rf"{len(GROUPS[group])} passed, \d+ deselected in ", summary), summary
+
+
+def test_the_float64_groups_hold_every_case_once():
+    names = [name for group in GROUPS.values() for name in group]
+    cases = [name for name, value in globals().items()
+             if cases_mark.mark in getattr(value, "pytestmark", [])]
+    assert len(cases) == 6 and sorted(names) == sorted(cases)
