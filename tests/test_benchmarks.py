@@ -120,5 +120,13 @@ def test_nuts_warmstart_synthetic_quick(capsys):
     assert warm["sampling_grads"] < default["sampling_grads"]
     assert warm["grads"] < default["grads"]
     assert warm["ratio"] == pytest.approx(default["grads"] / warm["grads"])
-    assert warm["lbfgs_iterations"] > 0 and positive(warm["fit_seconds"])
-    assert "default/warm total grad evals: mean" in capsys.readouterr().out
+    assert positive(warm["fit_seconds"])
+    # the fit's evaluations: 4 members' L-BFGS (>= 2 a step), their Hessians (D = 3)
+    # and 4 x 50 importance-weight densities
+    assert warm["fit_grads"] > 4 * (3 + 50) and default["fit_grads"] == 0
+    assert warm["ratio_with_fit"] == pytest.approx(
+        default["grads"] / (warm["grads"] + warm["fit_grads"]))
+    assert warm["ratio_per_ess"] == pytest.approx(
+        default["grads_per_ess"] / warm["grads_per_ess"])
+    out = capsys.readouterr().out
+    assert "the fit included:" in out and "per min ESS" in out
