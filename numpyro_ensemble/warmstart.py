@@ -7,7 +7,7 @@ ensemble, :func:`nuts_warm_start` returns
 - **starts**: one chain per member, heaviest members first when weights are given
   (:func:`~numpyro_ensemble.mcmc_init_params`);
 - **an inverse mass matrix**: the covariance of the (weighted) ensemble in the
-  unconstrained space, dense by default. For Gaussian members
+  unconstrained space. For Gaussian members
   (``AutoMultivariateNormal``, Laplace members) it is the mixture's covariance,
   :math:`\sum_e w_e (\Sigma_e + \mu_e \mu_e^\top) - \bar\mu \bar\mu^\top`; for other
   members the covariance of their pooled draws, shrunk toward the diagonal as Stan
@@ -15,15 +15,25 @@ ensemble, :func:`nuts_warm_start` returns
   effective number of draws);
 - **a step size** for that metric, :math:`1.5\, D^{-1/4}` (a unit Gaussian in
   ``D`` dimensions), which NUTS's dual averaging then tunes;
-- **a warm-up schedule**. When the ensemble can be trusted with a margin
+- **a warm-up schedule**, by whether the ensemble can be trusted with a margin
   (importance weights with Pareto :math:`\hat k < 0.5`, where PSIS estimates
-  converge quickly; at :math:`\hat k = 0.60` on a Poisson GP a kept metric mixed
-  worse than NumPyro's default, see the posteriordb page) its covariance is the
-  posterior's: the metric is kept (NumPyro's windowed adaptation would replace it by estimates from windows of
-  25-100 draws, noisier than the ensemble's) and a warm-up of 150 iterations tunes
-  the step size only. Otherwise the metric is only a start: 300 iterations, the
-  metric re-estimated by NumPyro at the ends of windows of 25, 50 and 100 draws.
+  converge quickly).
 
+  *Trusted*: its covariance is the posterior's. The metric is dense and kept
+  (NumPyro's windowed adaptation would replace it by estimates from windows of
+  25-100 draws, noisier than the ensemble's), and a warm-up of 150 iterations tunes
+  the step size only.
+
+  *Not trusted*: the ensemble gives the starts and the metric's start, and NUTS
+  adapts as it does by default, a diagonal metric, in 500 iterations instead of
+  1,000 (NumPyro's windows of 25, 50, 100 and 200 draws). Diagonal because a dense
+  metric re-estimated from a few hundred warm-up draws is noisy: on a Poisson GP
+  (posteriordb's ``gp_pois_regr``, 13 dimensions, a funnel) with Laplace members at
+  :math:`\hat k = 0.60`, the kept dense metric gave R-hat 1.020, a re-adapted dense one
+  (300 or 500 iterations, target acceptance up to 0.95, three seeds) 1.004-1.024, a
+  diagonal one over 500 iterations 1.003-1.004 (default NUTS: 1.003). On a strongly
+  correlated posterior whose ensemble is not trusted this costs the dense metric's
+  gain; ``dense_mass=True`` asks for it (see the posteriordb page).
 Everything goes to NumPyro's own ``NUTS`` and ``MCMC``; nothing is re-implemented,
 and every value can be overridden::
 
@@ -58,7 +68,7 @@ TRUSTED_WARMUP = 150
 # Importance weights with a Pareto k below this keep the ensemble's metric (PSIS's
 # "good" range; 0.7, the limit for trusting weighted draws, is too close: see above).
 TRUSTED_PARETO_K = 0.5
-ADAPTING_WARMUP = 300
+ADAPTING_WARMUP = 500
 
 
 class NUTSWarmStart(NamedTuple):
@@ -71,7 +81,7 @@ class NUTSWarmStart(NamedTuple):
     """``NUTS(model, **nuts_kwargs)``: ``inverse_mass_matrix`` (``{sites: matrix}``),
     ``dense_mass``, ``step_size`` and ``adapt_mass_matrix``."""
     num_warmup: int
-    """``MCMC(..., num_warmup=...)``: 150 with a trusted metric, else 300."""
+    """``MCMC(..., num_warmup=...)``: 150 with a trusted metric, else 500."""
     num_chains: int
     """``MCMC(..., num_chains=...)``."""
     covariance: np.ndarray
@@ -88,7 +98,7 @@ def nuts_warm_start(
     *args,
     num_chains: int = 4,
     weights=None,
-    dense_mass: bool = True,
+    dense_mass: bool | None = None,
     num_samples: int = 200,
     model=None,
     **kwargs,
@@ -108,7 +118,8 @@ def nuts_warm_start(
         :func:`~numpyro_ensemble.importance_weights` /
         :func:`~numpyro_ensemble.stacking_weights`); importance weights with
         Pareto k < 0.5 make the metric trusted (kept, not re-adapted).
-    :param bool dense_mass: a dense inverse mass matrix (else its diagonal).
+    :param bool dense_mass: a dense inverse mass matrix (else its diagonal); default:
+        dense when the metric is trusted, else diagonal (see above).
     :param int num_samples: draws per member for the covariance of non-Gaussian members.
     :param model: the model NUTS will run, checked to have the ensemble's latent sites.
     :param kwargs: the model's keyword arguments.
@@ -144,6 +155,8 @@ def nuts_warm_start(
             ensemble, draw_key, params, weights, num_samples, sites, args, kwargs
         )
     trusted = isinstance(weights, ImportanceWeights) and weights.pareto_k < TRUSTED_PARETO_K
+    if dense_mass is None:
+        dense_mass = trusted
     dim = covariance.shape[0]
     matrix = covariance if dense_mass else np.diag(covariance)
     init_params = mcmc_init_params(

@@ -64,11 +64,24 @@ def test_the_metric_is_the_posterior_covariance_and_warm_nuts_is_right(laplace):
 
 def test_without_trusted_weights_the_metric_keeps_adapting(laplace):
     _, _, members, params = laplace
-    warm = nuts_warm_start(members, random.key(2), params, num_chains=2, dense_mass=False)
-    assert warm.nuts_kwargs["adapt_mass_matrix"] and warm.num_warmup == 300
+    # no weights: not trusted, so NUTS adapts a diagonal metric started at the ensemble's
+    warm = nuts_warm_start(members, random.key(2), params, num_chains=2)
+    assert warm.nuts_kwargs["adapt_mass_matrix"] and warm.num_warmup == 500
     np.testing.assert_allclose(warm.nuts_kwargs["inverse_mass_matrix"][("x",)], np.diag(COV),
                                rtol=1e-3)
     assert warm.nuts_kwargs["dense_mass"] == []
+    # dense on request, still adapted
+    dense = nuts_warm_start(members, random.key(2), params, num_chains=2, dense_mass=True)
+    assert dense.nuts_kwargs["adapt_mass_matrix"] and dense.num_warmup == 500
+    np.testing.assert_allclose(dense.nuts_kwargs["inverse_mass_matrix"][("x",)], COV,
+                               rtol=1e-3, atol=1e-4)
+    assert dense.nuts_kwargs["dense_mass"] == [("x",)]
+    # trusted weights, diagonal on request: kept, not adapted
+    weights = importance_weights(members, random.key(1), params, num_samples=200)
+    diagonal = nuts_warm_start(members, random.key(2), params, weights=weights,
+                               dense_mass=False)
+    assert not diagonal.nuts_kwargs["adapt_mass_matrix"] and diagonal.num_warmup == 150
+    assert diagonal.nuts_kwargs["dense_mass"] == []
 
 
 def test_bad_input_is_a_clear_error(laplace):
