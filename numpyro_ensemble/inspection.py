@@ -41,6 +41,8 @@ class ModelInfo(NamedTuple):
     """The model's own ``numpyro.param`` sites (e.g. a ``flax_module``'s weights):
     fitted per member, so everything that runs the model after the fit takes them
     from the member's params."""
+    size: int = 0
+    """The number of values in the latent sites and the model's params (one member)."""
     error: Exception | None = None
     """Why the model could not be traced on its own (e.g. it reads a ``numpyro.param``
     that only the guide initialises, which plain ``SVI`` allows); then nothing else
@@ -111,9 +113,10 @@ def inspect_model(model, split: SplitArgs, static_kwargs: dict) -> ModelInfo:
             latent.append(name)
             if site["fn"].support.is_discrete:
                 discrete.append(name)
+        size = sum(int(jnp.size(model_trace[name]["value"])) for name in latent + params)
         found["info"] = ModelInfo(
             tuple(latent), tuple(discrete), tuple(observed), subsampled_plates(model_trace),
-            params=tuple(params),
+            params=tuple(params), size=size,
         )
 
     try:

@@ -92,9 +92,10 @@ class EnsembleMAP(EnsembleSVI):
         True
 
     The model is the only input: without ``optim`` the optimizer is chosen from the
-    model when it is first run. On full data it is L-BFGS (``optax.lbfgs()``, a zoom
-    linesearch; each member gets its own loss, gradient and linesearch, see
-    :mod:`numpyro_ensemble.optim`), and ``run`` stops a member once its gradient
+    model when it is first run. On full data it is L-BFGS (``optax.lbfgs``, a zoom
+    linesearch, with a memory of 50 curvature pairs for models of up to 10,000
+    values, fewer for larger ones, at least 10; each member gets its own loss,
+    gradient and linesearch, see :mod:`numpyro_ensemble.optim`), and ``run`` stops a member once its gradient
     norm is below ``1e-5`` or its loss has not decreased for 10 steps (pass
     ``early_stopping=`` to change that). With subsampled plates (mini-batches, where
     a linesearch cannot work) it is Adam at ``0.01`` with the step halved whenever
@@ -191,6 +192,9 @@ class EnsembleMAP(EnsembleSVI):
             self.optim = optim_module.as_numpyro(optim)
             self._optim_arg = optim
         else:
+            optim = optim_module.full_data_lbfgs(info.size)
+            self.optim = optim_module.as_numpyro(optim)
+            self._optim_arg = optim
             self._default_early_stopping = optim_module.DEFAULT_FULL_DATA_STOPPING
 
     def get_points(self, params_or_state: dict | SVIState) -> dict:

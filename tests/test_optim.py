@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from numpyro_ensemble import EarlyStopping, EnsembleMAP, EnsembleSVI
-from numpyro_ensemble.optim import DEFAULT_MINI_BATCH
+from numpyro_ensemble.optim import DEFAULT_MINI_BATCH, full_data_lbfgs
 
 X = jnp.linspace(-1.0, 1.0, 20)
 Y = 0.5 - 1.2 * X + 0.3 * jnp.sin(7 * X)
@@ -70,6 +70,27 @@ def test_the_default_optimizer_is_lbfgs_on_full_data_and_stops_members():
     mode = analytic_mode(X, Y)
     np.testing.assert_allclose(points["a"], mode[0], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(points["b"], mode[1], rtol=1e-4, atol=1e-4)
+    assert ens._optim_arg is full_data_lbfgs(2)  # two values to fit
+
+
+def _memory(transformation):
+    state = transformation.init({"x": jnp.zeros(3)})
+    return optax.tree_utils.tree_get(state, "diff_params_memory")["x"].shape[0]
+
+
+def test_the_default_lbfgs_memory_shrinks_with_the_model_size():
+    # 2 x memory x size values at most (LBFGS_MEMORY_VALUES), memory in [10, 50]
+    assert [_memory(full_data_lbfgs(n)) for n in (1, 10_000, 20_000, 50_000, 10**7)] == [
+        50, 50, 25, 10, 10]
+    assert full_data_lbfgs(3) is full_data_lbfgs(8)  # one object: shared programs
+
+    def wide(x, y=None):  # 30,001 values: memory 16
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([30_000]).to_event(1))
+        numpyro.sample("y", dist.Normal(w[0] + x, 1.0), obs=y)
+
+    ens = EnsembleMAP(wide, ensemble_size=2)
+    ens.init(random.key(0), X, Y)
+    assert _memory(ens._optim_arg) == 16
 
 
 def test_a_member_stopped_by_grad_tol_equals_a_run_of_that_many_steps():
