@@ -89,9 +89,14 @@ def _program(ensemble, split, particles):
 
         # One draw at a time (a scan), not vmapped over the draws: XLA:CPU was seen to
         # hang running the draws' batched linear algebra (a GP's Cholesky) at once.
+        # The Hessian's columns are the gradient's derivatives along each axis (as
+        # jax.hessian), and their primal is the gradient: one program for both.
         def one(carry, k):
-            grad = jax.grad(loss)(flat, k)
-            return carry + jax.hessian(loss)(flat, k), grad
+            def column(direction):
+                return jax.jvp(lambda f: jax.grad(loss)(f, k), (flat,), (direction,))
+
+            grads, hessian = jax.vmap(column)(jnp.eye(flat.size, dtype=flat.dtype))
+            return carry + hessian, grads[0]
 
         zero = jnp.zeros((flat.size, flat.size), flat.dtype)
         hessian, grads = jax.lax.scan(one, zero, random.split(key, particles))
