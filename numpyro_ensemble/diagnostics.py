@@ -52,7 +52,9 @@ class EnsembleSummary(NamedTuple):
     ``run``'s result)."""
     to_go: np.ndarray
     """``(E,)`` how much a Newton step would still lower the member's loss, in nats
-    (:mod:`numpyro_ensemble.convergence`; NaN where not computed)."""
+    (:mod:`numpyro_ensemble.convergence`; NaN where not computed, and for the Laplace
+    members of :func:`~numpyro_ensemble.laplace_members`, which fit no loss of their
+    own: their points' losses are checked by their trend)."""
     weight: np.ndarray
     """``(E,)`` the member weights used (importance, stacking or given)."""
     weight_kind: str
@@ -297,7 +299,11 @@ def ensemble_summary(
     )
     change, error = (np.full(E, np.nan),) * 2 if losses is None else _trend(losses)
     to_go, to_go_error = np.full(E, np.nan), np.full(E, np.nan)
-    if losses is not None:
+    # Laplace members are not fits of their ensemble's loss (an ELBO): a Newton step on
+    # it would measure how far a Laplace Gaussian is from the ELBO's best one, not
+    # convergence. Their centres are modes by construction; the losses given (their
+    # points' run) are checked by their trend alone.
+    if losses is not None and not laplace.is_laplace(ensemble, params):
         to_go, to_go_error = newton_decrement(
             ensemble, jax.random.fold_in(rng_key, 3), safe, args, kwargs, point
         )

@@ -283,11 +283,21 @@ def _params(twin, loc, scale_tril, positive, finite, own):
         )
     bad = ~positive[:, None]
     prefix = twin.guide.prefix
-    return {
+    params = {
         f"{prefix}_loc": jnp.asarray(np.where(bad, np.nan, loc)),
         f"{prefix}_scale_tril": jnp.asarray(np.where(bad[..., None], np.nan, scale_tril)),
         **own,
     }
+    twin._laplace_loc = params[f"{prefix}_loc"]  # see is_laplace
+    return params
+
+
+def is_laplace(ensemble, params: dict) -> bool:
+    """Whether ``params`` are the Laplace members that :func:`laplace_members` returned
+    with ``ensemble`` (the very arrays; not params of a fit started from them)."""
+    loc = getattr(ensemble, "_laplace_loc", None)
+    prefix = getattr(ensemble.guide, "prefix", "auto")
+    return loc is not None and params.get(f"{prefix}_loc") is loc
 
 
 def resolve_result(ensemble, result, args, kwargs):

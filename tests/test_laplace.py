@@ -175,6 +175,18 @@ def test_a_variational_fit_starts_at_the_laplace_members():
     # the returned ensemble itself runs from there too
     more = laplace.run(random.key(2), 20, SCALE_Y, progress_bar=False, init_params=laplace_params)
     assert more.params["auto_scale_tril"].shape == (2, 2, 2)
+    # The Laplace members are no fit of the twin's ELBO: with their points' losses the
+    # summary checks the points' trend, not an ELBO Newton step ("to go" NaN); params
+    # of a fit started from them are the twin's own fit.
+    from numpyro_ensemble import ensemble_summary
+    from numpyro_ensemble.laplace import is_laplace
+
+    summary = ensemble_summary(laplace, random.key(3), result._replace(params=laplace_params),
+                               SCALE_Y, num_samples=100)
+    assert np.isnan(summary.to_go).all() and summary.converged.all()
+    assert "not converged" not in summary.verdict
+    assert is_laplace(laplace, laplace_params) and is_laplace(laplace, dict(laplace_params))
+    assert not is_laplace(laplace, more.params) and not is_laplace(svi, laplace_params)
 
 
 def test_the_verdict_says_not_converged_for_a_short_adam_run_and_not_for_lbfgs():
