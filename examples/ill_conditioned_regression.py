@@ -194,7 +194,7 @@ def plot_ridge(adam_draws, laplace_draws, nuts_draws, path):
 # `EnsembleMAP` without an optimizer runs L-BFGS (`optax.lbfgs`, with its zoom
 # linesearch) from a different start for each member, and stops a member once its
 # gradient is small or its loss stops falling. Its curvature estimate takes care
-# of the scales and the correlation: the four members stop after 183 iterations
+# of the scales and the correlation: the four members stop after 192 iterations
 # in all, at the same point. `laplace_members` puts a Gaussian at each point, with
 # the inverse Hessian of the negative log joint as its covariance (in the
 # unconstrained space, where `sigma` is `log sigma`). This posterior is nearly
@@ -211,7 +211,7 @@ def plot_ridge(adam_draws, laplace_draws, nuts_draws, path):
 # losses. The full run prints:
 #
 # ```text
-# modes: 1   r_hat (max, members as chains): 0.999   ess (min): 430.7   pareto k: 0.25
+# modes: 1   r_hat (max, members as chains): 0.999   ess (min): 430.6   pareto k: 0.25
 # verdict: the members agree (one mode); importance-weighted draws can be trusted (k 0.25 < 0.7).
 # ```
 #
@@ -261,13 +261,13 @@ def fit_laplace(iq, score, ensemble_size, steps, num_draws):
 # over the warm-up (`MCMC.warmup(..., collect_warmup=True)`) and the draws
 # (`MCMC.run` from the warmed-up state), as `benchmarks/nuts_warmstart.py` counts
 # them. In the full run the default NUTS took 120,587 (79,023 of them in the
-# warm-up; about 21 per draw after it), the warm NUTS 14,029 (1,513; about 6 per
-# draw), 8.6 times fewer, and its draws have the larger bulk ESS, 2,000 against
-# 661 (the smallest over `a`, `b` and `sigma`; R-hat 1.000 and 1.007). In wall
-# time (the table above) the two NUTS runs are comparable, 34.3 s and 30.3 s,
+# warm-up; about 21 per draw after it), the warm NUTS 9,985 (1,431; about 4 per
+# draw), 12 times fewer, and its draws have the larger bulk ESS, 1,970 against
+# 661 (the smallest over `a`, `b` and `sigma`; R-hat 1.001 and 1.007). In wall
+# time (the table above) the two NUTS runs are comparable, 43.0 s and 41.1 s,
 # because compiling takes most of it; with the L-BFGS fit, the Laplace members
-# and the weights (38.8 s) before it, the warm route took twice as long as the
-# default one here. The gradient evaluations are what grows with the data and
+# and the weights (77.0 s) before it, the warm route took nearly three times as
+# long as the default one here (the machine was running three other jobs). The gradient evaluations are what grows with the data and
 # the model; this run measured them once, with one seed.
 
 # %%
@@ -326,7 +326,7 @@ def run_warm_nuts(iq, score, laplace, laplace_params, weights, num_samples, num_
 # exact value (a Gaussian in `log sigma` is not quite the posterior of `sigma`).
 # The resampled draws' `ess_bulk` counts a draw picked twice as two; the importance
 # weights' own ESS is 3,861 of the 4,000 draws. The two NUTS runs' means of `a`
-# and `b` are within 1.3 Monte Carlo standard errors (`sd / sqrt(ess_bulk)`) of the
+# and `b` are within 0.4 Monte Carlo standard errors (`sd / sqrt(ess_bulk)`) of the
 # exact ones.
 #
 # The forest plots show 94% intervals (thick lines: 50%) of `a` and `b`:
@@ -407,9 +407,9 @@ def _save(figure, path):
 # is infinite), and ArviZ 1.x an `elpd` about 200,000 below the others' -856,
 # with Pareto k NaN for every child: neither is an estimate.
 #
-# The four other fits predict alike: their `elpd` differ by at most 0.23 over 200
+# The four other fits predict alike: their `elpd` differ by at most 0.17 over 200
 # children, against a standard error `se` of about 9 for each. The differences
-# are of about one to five standard errors `dse` (the fits' pointwise predictions
+# are of about one to three standard errors `dse` (the fits' pointwise predictions
 # are nearly the same, so `dse` is small), in one run with one seed. The stacking
 # `weight` among fits that predict alike says nothing about which is better.
 #
@@ -473,7 +473,7 @@ def markdown_table(df, digits=2):
 # unconverged Adam ensemble from the converged L-BFGS one; L-BFGS points, their
 # Laplace approximations and importance weights gave the exact posterior's means
 # and sds, with a Pareto k that says they can be trusted, without rescaling `iq`;
-# and the same members gave NUTS a metric with which it needed 8.6 times fewer
+# and the same members gave NUTS a metric with which it needed 12 times fewer
 # gradient evaluations. Rescaling the inputs remains the first thing to try when
 # one can.
 
