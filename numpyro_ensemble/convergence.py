@@ -87,15 +87,17 @@ def _program(ensemble, split, particles):
                 *args, **kwargs, **svi.static_kwargs,
             )
 
-        # One draw at a time (a scan), not vmapped over the draws: XLA:CPU was seen to
-        # hang running the draws' batched linear algebra (a GP's Cholesky) at once.
-        # The Hessian's columns are the gradient's derivatives along each axis (as
+        # One draw and one direction at a time (scans), not vmapped: XLA:CPU was seen
+        # to hang, using no CPU, running a GP's Cholesky batched over draws x members
+        # (posteriordb's GP regression) and over directions x members (its Poisson GP
+        # with AutoMultivariateNormal members, 104 params: 832 at once). The
+        # Hessian's columns are the gradient's derivatives along each axis (as
         # jax.hessian), and their primal is the gradient: one program for both.
         def one(carry, k):
             def column(direction):
                 return jax.jvp(lambda f: jax.grad(loss)(f, k), (flat,), (direction,))
 
-            grads, hessian = jax.vmap(column)(jnp.eye(flat.size, dtype=flat.dtype))
+            grads, hessian = jax.lax.map(column, jnp.eye(flat.size, dtype=flat.dtype))
             return carry + hessian, grads[0]
 
         zero = jnp.zeros((flat.size, flat.size), flat.dtype)
