@@ -113,7 +113,11 @@ def inspect_model(model, split: SplitArgs, static_kwargs: dict) -> ModelInfo:
             latent.append(name)
             if site["fn"].support.is_discrete:
                 discrete.append(name)
-        size = sum(int(jnp.size(model_trace[name]["value"])) for name in latent + params)
+        size = sum(  # a param's value may be a pytree (a network's weights)
+            int(jnp.size(leaf))
+            for name in latent + params
+            for leaf in jax.tree.leaves(model_trace[name]["value"])
+        )
         found["info"] = ModelInfo(
             tuple(latent), tuple(discrete), tuple(observed), subsampled_plates(model_trace),
             params=tuple(params), size=size,
