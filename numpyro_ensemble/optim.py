@@ -61,10 +61,10 @@ DEFAULT_MINI_BATCH = optax.chain(
 def full_data_lbfgs(size: int) -> optax.GradientTransformationExtraArgs:
     """EnsembleMAP's default on full data for a model with ``size`` values to fit:
     ``optax.lbfgs`` keeping as many curvature pairs as ``LBFGS_MEMORY_VALUES``
-    allows, from 10 (optax's default) to 50. On posteriordb's posteriors a memory of
-    50 took 109-133 iterations on mesquite (8 values; 200-697 with 10) and 77-107 on
-    the Poisson GP (13; 223-326), and as many as 10 on the others (the posteriordb
-    page); a memory longer than the number of iterations is BFGS itself."""
+    allows, from 10 (optax's default) to 50. On posteriordb's posteriors (the
+    posteriordb page) a memory of 50 took 107-137 iterations on mesquite (8 values;
+    263-591 with 10) and 80-107 on the Poisson GP (13 values; 239-349), and about as
+    many as 10 on the others; a memory longer than the number of iterations is BFGS."""
     memory = int(np.clip(LBFGS_MEMORY_VALUES // (2 * max(size, 1)), 10, 50))
     if memory not in _full_data_lbfgs:
         _full_data_lbfgs[memory] = optax.lbfgs(memory_size=memory)
