@@ -6,7 +6,6 @@ the argument and what was expected.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import numbers
 import os
@@ -120,8 +119,12 @@ def check_ensemble(ensemble, caller: str) -> None:
 
 
 def check_discrete_sites(ensemble, info) -> None:
-    """Discrete latent sites under a continuous AutoGuide (NumPyro's own error there is
-    an ImportError asking for funsor): name the sites and the remedies."""
+    """Discrete latent sites under a continuous AutoGuide built on the model: name the
+    sites and the remedies. NumPyro's own error comes late (once the members' init is
+    traced and compiled) and reads differently with and without funsor installed (an
+    ImportError asking for funsor, or "Continuous inference cannot handle discrete
+    sample site"), but the guide cannot fit such a site either way: only
+    ``TraceEnum_ELBO`` marginalises it, so that loss is left to NumPyro."""
     from numpyro.infer import TraceEnum_ELBO
     from numpyro.infer.autoguide import AutoGuide
 
@@ -131,7 +134,6 @@ def check_discrete_sites(ensemble, info) -> None:
         and isinstance(guide, AutoGuide)
         and getattr(guide, "model", None) is ensemble.model
         and not isinstance(ensemble.loss, TraceEnum_ELBO)
-        and importlib.util.find_spec("funsor") is None
     ):
         sites = list(info.discrete)
         raise ValueError(
@@ -143,6 +145,41 @@ def check_discrete_sites(ensemble, info) -> None:
             f"{type(guide).__name__}(numpyro.handlers.block(model, hide={sites})), so "
             f"the model draws them from their prior."
         )
+
+
+def check_something_to_fit(ensemble, info) -> None:
+    """A model with no latent sample sites and no ``numpyro.param`` sites under a guide
+    built on it (an AutoGuide, ``EnsembleMAP``'s AutoDelta): nothing at all to fit.
+    (A model with params but no latent sites, e.g. a network fitted by maximum
+    likelihood, is fitted as usual: its params are the members' params.)"""
+    from numpyro.infer.autoguide import AutoGuide
+
+    guide = ensemble.guide
+    if (
+        info.error is None
+        and not info.latent
+        and not info.params
+        and isinstance(guide, AutoGuide)
+        and getattr(guide, "model", None) is ensemble.model
+    ):
+        observed = f" {list(info.observed)}" if info.observed else ""
+        raise ValueError(
+            f"{type(ensemble).__name__}: the model has no latent sample sites (every "
+            f"sample site{observed} is observed) and no numpyro.param sites, so "
+            f"{type(guide).__name__} has nothing to fit: with every unknown observed "
+            f"there is nothing to infer (numpyro.infer.util.log_density evaluates the "
+            f"model). Give the unknowns a prior (numpyro.sample without obs=), or declare "
+            f"the values to fit without one with numpyro.param (the members then fit "
+            f"them, e.g. by maximum likelihood with EnsembleMAP)."
+        )
+
+
+def check_loss_weights(loss, ensemble_size: int) -> None:
+    """A loss's per-member tempering weights (``TemperedTrace_ELBO(kl_weight=...)`` as
+    an array): one per member, checked as soon as ``ensemble_size`` is known."""
+    value = getattr(loss, "kl_weight", None)
+    if value is not None and not isinstance(value, jax.core.Tracer) and np.ndim(value) >= 1:
+        check_weight(value, "kl_weight", per_member=True, ensemble_size=ensemble_size)
 
 
 def check_num_particles(loss) -> None:
@@ -190,9 +227,12 @@ def check_instance(value, name: str, example: str, method: str):
     return value
 
 
-def check_params_tree(params, ensemble_size: int, name: str = "params") -> None:
+def check_params_tree(
+    params, ensemble_size: int, name: str = "params", ensemble=None
+) -> None:
     """Params (or points) of this ensemble: a dict with a leading ``(E,)`` axis on
-    every leaf; a whole ``SVIRunResult`` or ``SVIState`` is a clear error."""
+    every leaf; a whole ``SVIRunResult`` or ``SVIState`` is a clear error. With an
+    initialised ``ensemble``, also every one of its params (see :func:`check_param_names`)."""
     from numpyro.infer.svi import SVIRunResult, SVIState
 
     if isinstance(params, SVIRunResult):
@@ -212,6 +252,32 @@ def check_params_tree(params, ensemble_size: int, name: str = "params") -> None:
             f"leaf (e.g. run(...).params), got leading sizes "
             f"{sorted(s for s in sizes if s is not None)}."
         )
+    if ensemble is not None:
+        check_param_names(params, ensemble, name)
+
+
+def check_param_names(params: dict, ensemble, name: str = "params") -> None:
+    """``params`` hold every param of ``ensemble`` (the names ``init`` found, in
+    ``constrain_fn``): NumPyro would silently give a missing one its init value (e.g.
+    the points' params of an EnsembleMAP passed with its Laplace members). Not checked
+    before ``init``."""
+    transforms = getattr(getattr(ensemble, "constrain_fn", None), "args", (None,))[0]
+    if not isinstance(transforms, dict) or not isinstance(params, dict):
+        return
+    missing = sorted(set(transforms) - set(params))
+    if not missing:
+        return
+    hint = "pass this ensemble's params, e.g. its run(...).params or get_params(state)"
+    if getattr(ensemble, "_laplace_loc", None) is not None:  # laplace_members' ensemble
+        hint = (
+            "these are Laplace members: pass the laplace_params that laplace_members "
+            "returned with them (with the points' run result: "
+            "result._replace(params=laplace_params))"
+        )
+    raise ValueError(
+        f"{name} has no values for {missing}, params of this {type(ensemble).__name__} "
+        f"(it holds {sorted(params)}): {hint}."
+    )
 
 
 def check_init_values(init_params: dict) -> None:

@@ -28,7 +28,10 @@ exceeds both ``tolerance`` and twice its standard error.
 Computed on the full data with each member's own loss (its hyperparameters, its
 per-member data), one jitted pass; skipped (NaN) where the model subsamples a plate
 (a mini-batch loss) or a member has more than :data:`MAX_PARAMS` params (the
-Hessian is :math:`d \times d`).
+Hessian is :math:`d \times d`). A member whose Hessian is zero (a loss that does not
+curve in any direction of its params) has no Newton step: NaN where its gradient is
+zero too (nothing to measure), ``inf`` where it is not (a loss with no optimum in
+reach); a non-finite gradient or Hessian gives NaN.
 """
 
 from __future__ import annotations
@@ -138,10 +141,17 @@ def _decrement(g, covariance, hessian):
             continue
         eigenvalues, vectors = np.linalg.eigh(hessian[e])
         magnitude = np.abs(eigenvalues)
-        floor = np.finfo(np.float32).eps * magnitude.max()
-        inverse = (vectors / np.maximum(magnitude, floor)) @ vectors.T  # |H|^-1
-        ac = inverse @ covariance[e]
-        decrement[e] = 0.5 * (g[e] @ inverse @ g[e] - np.trace(ac))
-        variance = 4.0 * g[e] @ ac @ inverse @ g[e] + 2.0 * np.trace(ac @ ac)
-        error[e] = 0.5 * np.sqrt(max(variance, 0.0))
+        largest = magnitude.max(initial=0.0)
+        if not largest > 0:  # no curvature: no Newton step (see the module's docstring)
+            if (g[e] != 0).any():
+                decrement[e], error[e] = np.inf, 0.0
+            continue
+        floor = np.finfo(np.float32).eps * largest
+        # (a curvature near float64's smallest can overflow: inf, or NaN, is the finding)
+        with np.errstate(over="ignore", invalid="ignore"):
+            inverse = (vectors / np.maximum(magnitude, floor)) @ vectors.T  # |H|^-1
+            ac = inverse @ covariance[e]
+            decrement[e] = 0.5 * (g[e] @ inverse @ g[e] - np.trace(ac))
+            variance = 4.0 * g[e] @ ac @ inverse @ g[e] + 2.0 * np.trace(ac @ ac)
+            error[e] = 0.5 * np.sqrt(max(variance, 0.0))
     return decrement, error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from numpyro.infer import Trace_ELBO
 from numpyro.primitives import Messenger
 
@@ -95,7 +96,9 @@ class TemperedTrace_ELBO(Trace_ELBO):
         the estimator, as in ``Trace_ELBO``.
     :param float kl_weight: :math:`\beta \ge 0`, the weight on the prior / KL part.
         Defaults to 1 (the usual ELBO). Under an ensemble, an ``(E,)`` array gives
-        member ``e`` the weight ``kl_weight[e]`` (see :mod:`numpyro_ensemble.hyper`).
+        member ``e`` the weight ``kl_weight[e]`` (see :mod:`numpyro_ensemble.hyper`);
+        its length must be the ensemble's ``ensemble_size`` (checked when the ensemble
+        is made), and a plain ``SVI`` takes a scalar only (an array is an error there).
     :param bool vectorize_particles: as in ``Trace_ELBO``.
     :param bool multi_sample_guide: as in ``Trace_ELBO``.
     :param bool sum_sites: as in ``Trace_ELBO``.
@@ -120,6 +123,16 @@ class TemperedTrace_ELBO(Trace_ELBO):
         check_num_particles(self)
 
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        if jnp.ndim(self.kl_weight) != 0:
+            # An ensemble gives each member its own value (a scalar); here the whole
+            # (E,) array would broadcast over the sites and sum E tempered ELBOs.
+            n = jnp.shape(self.kl_weight)[0]
+            raise ValueError(
+                f"kl_weight has {n} values (one per member), but this loss is evaluated "
+                f"on its own (e.g. by a plain numpyro.infer.SVI), not by an ensemble: "
+                f"use EnsembleSVI(..., ensemble_size={n}) (or EnsembleMAP(prior_weight=...)) "
+                f"for per-member weights, or give a scalar kl_weight."
+            )
         model = _scale_sites(model, weight=self.kl_weight, latent_only=True)
         guide = _scale_sites(guide, weight=self.kl_weight, latent_only=False)
         return super().loss_with_mutable_state(

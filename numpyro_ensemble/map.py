@@ -12,7 +12,12 @@ from numpyro.infer.initialization import init_to_median, init_to_uniform
 from numpyro.infer.svi import SVIState
 
 from numpyro_ensemble import optim as optim_module
-from numpyro_ensemble._checks import check_params_tree, check_positive_int, check_weight
+from numpyro_ensemble._checks import (
+    check_params_tree,
+    check_positive_int,
+    check_something_to_fit,
+    check_weight,
+)
 from numpyro_ensemble.elbo import TemperedTrace_ELBO
 from numpyro_ensemble.inspection import ModelInfo, signature
 from numpyro_ensemble.members import SplitArgs, map_members
@@ -151,11 +156,7 @@ class EnsembleMAP(EnsembleSVI):
     def _validate_model(self, info: ModelInfo):
         if info.error is not None:
             raise info.error
-        if not info.latent:
-            raise ValueError(
-                "EnsembleMAP: the model has no latent sample sites (every sample "
-                "site is observed), so there is nothing to fit."
-            )
+        check_something_to_fit(self, info)  # (a model's params alone are fitted by ML)
         if info.discrete:
             raise ValueError(
                 f"EnsembleMAP fits continuous latent sites only, but the model has "

@@ -49,7 +49,7 @@ __all__ = ["ensemble_predict", "ensemble_predictive", "sample_posterior"]
 
 
 def _check_params(ensemble, params):
-    check_params_tree(params, ensemble.ensemble_size)
+    check_params_tree(params, ensemble.ensemble_size, ensemble=ensemble)
 
 
 class GuideSite(NamedTuple):

@@ -16,8 +16,10 @@ from numpyro_ensemble._checks import (
     check_init_values,
     check_instance,
     check_key,
+    check_loss_weights,
     check_num_particles,
     check_positive_int,
+    check_something_to_fit,
     check_state,
 )
 from numpyro_ensemble.checkpoint import check_checkpointing, save_checkpoint
@@ -137,6 +139,7 @@ class EnsembleSVI(SVI):
         check_instance(guide, "guide", "AutoNormal(model)", "__call__")
         check_instance(loss, "loss", "Trace_ELBO()", "loss")
         check_num_particles(loss)
+        check_loss_weights(loss, self.ensemble_size)  # before hyper.check converts them
         try:
             super().__init__(model, guide, optim_module.as_numpyro(optim), loss, **static_kwargs)
         except TypeError as err:
@@ -239,6 +242,7 @@ class EnsembleSVI(SVI):
     def _validate_model(self, info: ModelInfo):
         """Check the model before anything is compiled (subclasses add their own checks)."""
         check_discrete_sites(self, info)
+        check_something_to_fit(self, info)
 
     def _check_state(self, svi_state, name):
         check_state(svi_state, name, self.ensemble_size, type(self).__name__)

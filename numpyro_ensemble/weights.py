@@ -154,7 +154,14 @@ def psis(log_weights) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _arviz_psis(log_weights):
-    import arviz as az
+    with warnings.catch_warnings():
+        # ArviZ's once-a-day notice of its refactor (a FutureWarning whose message starts
+        # with a newline) on its first import, here inside importance / stacking weights:
+        # it is about ArviZ's API, which this PSIS call does not pass on to the user.
+        warnings.filterwarnings(
+            "ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning
+        )
+        import arviz as az
 
     if int(az.__version__.split(".")[0]) >= 1:
         from arviz_stats.base import array_stats

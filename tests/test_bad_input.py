@@ -1,5 +1,7 @@
 """Bad input found by users: each a clear error naming the argument, before compiling."""
 
+import re
+
 from jax import random
 import jax.numpy as jnp
 import numpy as np
@@ -221,3 +223,189 @@ def test_legacy_prng_keys_still_work():
     np.testing.assert_array_equal(legacy.losses, typed.losses)  # the same key, two spellings
     draws = sample_posterior(svi, random.PRNGKey(1), legacy.params, Y, num_samples=3)
     assert draws["mu"].shape == (2, 3)
+
+
+@pytest.fixture
+def compiles():
+    """The XLA compilations made during the test (jax.monitoring's compile events)."""
+    import jax
+
+    events = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_kl_weight_of_the_wrong_length_for_the_ensemble(nothing_compiles, compiles):
+    from numpyro_ensemble import TemperedTrace_ELBO
+
+    weights = np.array([1.0, 0.5, 0.2, 0.1])  # (converting these to JAX's float type compiles)
+    with pytest.raises(ValueError, match=r"kl_weight has 4 values, but ensemble_size=3: give one "
+                                         r"value per member or a scalar"):
+        EnsembleSVI(model, AutoNormal(model), optax.adam(0.01),
+                    TemperedTrace_ELBO(kl_weight=weights), ensemble_size=3)
+    assert compiles == []
+
+
+def observed_only(y):
+    with numpyro.plate("n", y.shape[0]):
+        numpyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+
+def params_only(y):
+    loc = numpyro.param("loc", lambda key: random.normal(key, ()))
+    with numpyro.plate("n", y.shape[0]):
+        numpyro.sample("y", dist.Normal(loc, 1.0), obs=y)
+
+
+def test_a_model_with_nothing_to_fit(nothing_compiles, compiles):
+    key = random.key(0)
+    svi = EnsembleSVI(observed_only, AutoNormal(observed_only), optax.adam(0.01), Trace_ELBO(),
+                      ensemble_size=2)
+    ens = EnsembleMAP(observed_only, ensemble_size=2)
+    compiles.clear()  # (making the default optimizer's state at no params compiles)
+    match = (r"EnsembleSVI: the model has no latent sample sites \(every sample site \['y'\] is "
+             r"observed\) and no numpyro.param sites, so AutoNormal has nothing to fit.*"
+             r"nothing to infer.*numpyro.param")
+    with pytest.raises(ValueError, match=match):
+        svi.run(key, 5, Y, progress_bar=False)
+    with pytest.raises(ValueError, match=match):
+        svi.init(key, Y)
+    with pytest.raises(ValueError, match=r"EnsembleMAP: the model has no latent sample sites.*"
+                                         r"so AutoDelta has nothing to fit"):
+        ens.run(key, 5, Y, progress_bar=False)
+    assert compiles == []
+
+
+def test_a_model_whose_params_are_all_it_fits():
+    # No latent sites, but numpyro.param sites (a network's weights, here one number):
+    # the members fit them, by maximum likelihood under EnsembleMAP or next to an
+    # AutoNormal with nothing of its own.
+    svi = EnsembleSVI(params_only, AutoNormal(params_only), optax.adam(0.1), Trace_ELBO(),
+                      ensemble_size=2)
+    assert svi.run(random.key(0), 5, Y, progress_bar=False).params["loc"].shape == (2,)
+    ens = EnsembleMAP(params_only, ensemble_size=2)
+    result = ens.run(random.key(0), 50, Y, progress_bar=False)
+    np.testing.assert_allclose(result.params["loc"], Y.mean(), rtol=1e-4)
+
+
+def test_discrete_latent_site_when_funsor_is_installed(nothing_compiles, compiles, monkeypatch):
+    # With funsor importable NumPyro no longer fails at once (no ImportError): it failed
+    # after compiling the members' init. Funsor enumerates only under TraceEnum_ELBO.
+    import importlib.machinery
+    import sys
+    import types
+
+    funsor = types.ModuleType("funsor")
+    funsor.__spec__ = importlib.machinery.ModuleSpec("funsor", None)
+    monkeypatch.setitem(sys.modules, "funsor", funsor)
+
+    def with_count(y):
+        k = numpyro.sample("k", dist.Poisson(3.0))
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu + k, 1.0), obs=y)
+
+    key = random.key(0)
+    svi = EnsembleSVI(with_count, AutoNormal(with_count), optax.adam(0.01), Trace_ELBO(),
+                      ensemble_size=2)
+    compiles.clear()
+    with pytest.raises(ValueError, match=r"discrete latent sites \['k'\], which AutoNormal"):
+        svi.run(key, 5, Y, progress_bar=False)
+    assert compiles == []
+
+
+def test_params_of_another_ensemble():
+    svi = make()
+    svi.init(random.key(0), Y)
+    foreign = {"nu_auto_loc": jnp.zeros(3), "nu_auto_scale": jnp.ones(3)}
+    with pytest.raises(ValueError, match=r"params has no values for \['mu_auto_loc', "
+                                         r"'mu_auto_scale'\], params of this EnsembleSVI "
+                                         r"\(it holds \['nu_auto_loc', 'nu_auto_scale'\]\)"):
+        sample_posterior(svi, random.key(1), foreign, Y)
+
+
+def test_a_flat_loss_has_no_newton_step():
+    # A Hessian of zeros (the loss does not depend on the params): NaN or inf to go,
+    # not a division that warns.
+    import warnings
+
+    from numpyro_ensemble.convergence import _decrement
+
+    g = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    hessian = np.stack([np.zeros((2, 2)), np.zeros((2, 2)), np.diag([2.0, 1.0])])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decrement, error = _decrement(g, np.zeros((3, 2, 2)), hessian)
+    assert caught == []
+    assert np.isnan(decrement[0]) and np.isnan(error[0])
+    assert decrement[1] == np.inf and error[1] == 0.0
+    np.testing.assert_allclose(decrement[2], 0.25)  # g^T H^-1 g / 2
+
+
+RECIPE = """
+import json, sys, warnings
+
+import numpyro
+numpyro.enable_x64()
+import numpy as np
+import jax.numpy as jnp
+from jax import random
+import numpyro.distributions as dist
+from numpyro_ensemble import (EnsembleMAP, ensemble_summary, importance_weights,
+                              laplace_members, sample_posterior)
+
+def model(x, y=None):  # posteriordb's kidiq-kidscore_momiq, with weakly informative priors
+    a = numpyro.sample("a", dist.Normal(0.0, 100.0))
+    b = numpyro.sample("b", dist.Normal(0.0, 10.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(50.0))
+    with numpyro.plate("n", x.shape[0]):
+        numpyro.sample("y", dist.Normal(a + b * x, sigma), obs=y)
+
+rng = np.random.default_rng(0)
+x = rng.normal(100.0, 15.0, 434)
+x, y = jnp.asarray(x), jnp.asarray(26.0 + 0.6 * x + rng.normal(0.0, 18.0, 434))
+with warnings.catch_warnings(record=True) as caught:  # (after the imports)
+    warnings.simplefilter("always")
+    ens = EnsembleMAP(model, ensemble_size=4)
+    res = ens.run(random.PRNGKey(0), 300, x, y, progress_bar=False)
+    lap, lp = laplace_members(ens, res.params, x, y)
+    iw = importance_weights(lap, random.PRNGKey(7), lp, x, y, num_samples=100)
+    s = ensemble_summary(lap, random.PRNGKey(8), res._replace(params=lp), x, y, weights=iw)
+    draws = sample_posterior(lap, random.PRNGKey(9), lp, x, y, weights=iw, num_samples=100)
+    try:  # the points' own params with the Laplace members
+        ensemble_summary(lap, random.PRNGKey(8), res, x, y, weights=iw)
+        misuse = ""
+    except ValueError as error:
+        misuse = str(error)
+json.dump({"warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
+           "dtype": str(draws["a"].dtype), "verdict": s.verdict, "misuse": misuse}, sys.stdout)
+"""
+
+
+def test_the_recommended_recipe_warns_nothing_in_float64(tmp_path):
+    # EnsembleMAP -> laplace_members -> importance_weights -> ensemble_summary ->
+    # sample_posterior on a well-posed regression: nothing a user cannot act on. In a
+    # process of its own: float64 is per process, and ArviZ (first imported inside
+    # importance_weights, for PSIS) shows its once-a-day FutureWarning of its refactor
+    # on a fresh cache.
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", RECIPE], capture_output=True, text=True,
+                         cwd=pathlib.Path(__file__).parents[1], env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout)
+    assert found["warnings"] == []
+    assert found["dtype"] == "float64" and "can be trusted" in found["verdict"]
+    assert re.search(r"params has no values for \['auto_loc', 'auto_scale_tril'\].*these are "
+                     r"Laplace members.*result._replace\(params=laplace_params\)", found["misuse"])

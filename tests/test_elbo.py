@@ -119,3 +119,17 @@ def test_tempered_optimum_is_the_tempered_posterior():
 def test_bad_kl_weight(bad, exc):
     with pytest.raises(exc, match="kl_weight"):
         TemperedTrace_ELBO(kl_weight=bad)
+
+
+def test_per_member_kl_weight_needs_an_ensemble_of_that_size():
+    y = jnp.array([0.5, 1.0, 1.5])
+    loss = TemperedTrace_ELBO(kl_weight=np.array([1.0, 0.5, 0.2, 0.1]))
+    with pytest.raises(ValueError, match=r"kl_weight has 4 values, but ensemble_size=3"):
+        EnsembleSVI(normal_model, AutoNormal(normal_model), optax.adam(0.01), loss, ensemble_size=3)
+    # A plain SVI has no members to share the weights out: the (E,) array would broadcast
+    # over the sites and sum E tempered ELBOs into one loss.
+    svi = SVI(normal_model, AutoNormal(normal_model), optax.adam(0.01),
+              TemperedTrace_ELBO(kl_weight=[1.0, 0.5]))
+    with pytest.raises(ValueError, match=r"kl_weight has 2 values \(one per member\), but this "
+                                         r"loss is evaluated on its own.*ensemble_size=2"):
+        svi.run(random.key(0), 2, y, progress_bar=False)
