@@ -174,14 +174,6 @@ def check_something_to_fit(ensemble, info) -> None:
         )
 
 
-def check_loss_weights(loss, ensemble_size: int) -> None:
-    """A loss's per-member tempering weights (``TemperedTrace_ELBO(kl_weight=...)`` as
-    an array): one per member, checked as soon as ``ensemble_size`` is known."""
-    value = getattr(loss, "kl_weight", None)
-    if value is not None and not isinstance(value, jax.core.Tracer) and np.ndim(value) >= 1:
-        check_weight(value, "kl_weight", per_member=True, ensemble_size=ensemble_size)
-
-
 def check_num_particles(loss) -> None:
     """A loss's ``num_particles``: an int >= 1 (NumPyro accepts 0, and every loss is
     then non-finite)."""
@@ -227,12 +219,9 @@ def check_instance(value, name: str, example: str, method: str):
     return value
 
 
-def check_params_tree(
-    params, ensemble_size: int, name: str = "params", ensemble=None
-) -> None:
+def check_params_tree(params, ensemble_size: int, name: str = "params") -> None:
     """Params (or points) of this ensemble: a dict with a leading ``(E,)`` axis on
-    every leaf; a whole ``SVIRunResult`` or ``SVIState`` is a clear error. With an
-    initialised ``ensemble``, also every one of its params (see :func:`check_param_names`)."""
+    every leaf; a whole ``SVIRunResult`` or ``SVIState`` is a clear error."""
     from numpyro.infer.svi import SVIRunResult, SVIState
 
     if isinstance(params, SVIRunResult):
@@ -252,28 +241,20 @@ def check_params_tree(
             f"leaf (e.g. run(...).params), got leading sizes "
             f"{sorted(s for s in sizes if s is not None)}."
         )
-    if ensemble is not None:
-        check_param_names(params, ensemble, name)
 
 
-def check_param_names(params: dict, ensemble, name: str = "params") -> None:
+def check_param_names(params: dict, ensemble, name: str = "params", hint: str = "") -> None:
     """``params`` hold every param of ``ensemble`` (the names ``init`` found, in
     ``constrain_fn``): NumPyro would silently give a missing one its init value (e.g.
-    the points' params of an EnsembleMAP passed with its Laplace members). Not checked
-    before ``init``."""
+    the points' params of an EnsembleMAP passed with its Laplace members). ``hint``
+    replaces the default advice. Not checked before ``init``."""
     transforms = getattr(getattr(ensemble, "constrain_fn", None), "args", (None,))[0]
     if not isinstance(transforms, dict) or not isinstance(params, dict):
         return
     missing = sorted(set(transforms) - set(params))
     if not missing:
         return
-    hint = "pass this ensemble's params, e.g. its run(...).params or get_params(state)"
-    if getattr(ensemble, "_laplace_loc", None) is not None:  # laplace_members' ensemble
-        hint = (
-            "these are Laplace members: pass the laplace_params that laplace_members "
-            "returned with them (with the points' run result: "
-            "result._replace(params=laplace_params))"
-        )
+    hint = hint or "pass this ensemble's params, e.g. its run(...).params or get_params(state)"
     raise ValueError(
         f"{name} has no values for {missing}, params of this {type(ensemble).__name__} "
         f"(it holds {sorted(params)}): {hint}."

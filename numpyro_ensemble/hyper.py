@@ -86,13 +86,14 @@ def loss_hyperparams(loss) -> dict:
 def check(loss, optim, ensemble_size: int) -> dict:
     """The per-member hyperparameters of ``loss`` and ``optim``, each checked to have
     length ``ensemble_size``; raised before anything is compiled."""
+    # the loss's values checked as given: converting them to JAX's float type compiles
+    value = getattr(loss, "kl_weight", None)
+    if value is not None and np.ndim(value) == 1 and np.shape(value)[0] != ensemble_size:
+        raise ValueError(
+            f"kl_weight has {np.shape(value)[0]} values, but ensemble_size={ensemble_size}: "
+            f"give one value per member or a scalar."
+        )
     found = loss_hyperparams(loss)
-    for name, value in found.items():
-        if np.shape(value)[0] != ensemble_size:
-            raise ValueError(
-                f"{name} has {np.shape(value)[0]} values (shape {np.shape(value)}), but "
-                f"ensemble_size={ensemble_size}: give one value per member or a scalar."
-            )
     for name, value in optimizer_hyperparams(optim).items():
         if np.shape(value)[0] != ensemble_size:
             raise ValueError(

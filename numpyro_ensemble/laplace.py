@@ -300,6 +300,18 @@ def is_laplace(ensemble, params: dict) -> bool:
     return loc is not None and params.get(f"{prefix}_loc") is loc
 
 
+def params_hint(ensemble) -> str:
+    """What to pass as params to the ensemble that :func:`laplace_members` returned
+    (empty for any other ensemble)."""
+    if getattr(ensemble, "_laplace_loc", None) is None:
+        return ""
+    return (
+        "these are Laplace members: pass the laplace_params that laplace_members "
+        "returned with them (with the points' run result: "
+        "result._replace(params=laplace_params))"
+    )
+
+
 def resolve_result(ensemble, result, args, kwargs):
     """:func:`resolve` for a ``run`` result (its losses kept) or params."""
     if not isinstance(ensemble.guide, AutoLaplaceApproximation):

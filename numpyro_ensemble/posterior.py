@@ -23,6 +23,7 @@ from numpyro_ensemble import laplace
 from numpyro_ensemble._checks import (
     check_ensemble,
     check_key,
+    check_param_names,
     check_params_tree,
     check_positive_int,
     leading_sizes,
@@ -49,7 +50,8 @@ __all__ = ["ensemble_predict", "ensemble_predictive", "sample_posterior"]
 
 
 def _check_params(ensemble, params):
-    check_params_tree(params, ensemble.ensemble_size, ensemble=ensemble)
+    check_params_tree(params, ensemble.ensemble_size)
+    check_param_names(params, ensemble, hint=laplace.params_hint(ensemble))
 
 
 class GuideSite(NamedTuple):

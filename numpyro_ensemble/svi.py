@@ -16,7 +16,6 @@ from numpyro_ensemble._checks import (
     check_init_values,
     check_instance,
     check_key,
-    check_loss_weights,
     check_num_particles,
     check_positive_int,
     check_something_to_fit,
@@ -139,7 +138,6 @@ class EnsembleSVI(SVI):
         check_instance(guide, "guide", "AutoNormal(model)", "__call__")
         check_instance(loss, "loss", "Trace_ELBO()", "loss")
         check_num_particles(loss)
-        check_loss_weights(loss, self.ensemble_size)  # before hyper.check converts them
         try:
             super().__init__(model, guide, optim_module.as_numpyro(optim), loss, **static_kwargs)
         except TypeError as err:
