@@ -11,6 +11,8 @@ from numpyro_ensemble.laplace_starts import laplace_init_params
 from numpyro_ensemble.map import EnsembleMAP
 from numpyro_ensemble.mcmc import mcmc_init_params
 from numpyro_ensemble.members import per_member
+from numpyro_ensemble.nuts_run import WarmNUTSRun
+from numpyro_ensemble.nuts_summary import NUTSSummary, nuts_summary
 from numpyro_ensemble.oneshot import ensemble_map, ensemble_svi
 from numpyro_ensemble.posterior import ensemble_predict, ensemble_predictive, sample_posterior
 from numpyro_ensemble.selection import concat_members, select_members, take_member
@@ -28,9 +30,11 @@ __all__ = [
     "EnsembleSummary",
     "IdenticalMembersWarning",
     "ImportanceWeights",
+    "NUTSSummary",
     "NUTSWarmStart",
     "StackingWeights",
     "TemperedTrace_ELBO",
+    "WarmNUTSRun",
     "concat_members",
     "clear_compiled_programs",
     "enable_compilation_cache",
@@ -44,6 +48,7 @@ __all__ = [
     "laplace_members",
     "load_checkpoint",
     "mcmc_init_params",
+    "nuts_summary",
     "nuts_warm_start",
     "per_member",
     "sample_posterior",

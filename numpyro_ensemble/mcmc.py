@@ -19,6 +19,9 @@ from numpyro_ensemble.weights import member_weights_of
 
 __all__ = ["mcmc_init_params"]
 
+NEGLIGIBLE_WEIGHT = 1e-3
+"""A member whose normalized weight is below this never starts a chain."""
+
 
 def mcmc_init_params(
     ensemble,
@@ -39,10 +42,11 @@ def mcmc_init_params(
     :class:`~numpyro_ensemble.EnsembleSVI`. The values are mapped to the
     unconstrained space that MCMC expects (``numpyro.infer.util.unconstrain_fn``).
     With ``K < E`` the first ``K`` members are used (members are exchangeable),
-    or with ``weights`` the ``K`` members of highest weight; members of weight 0 and
-    members with non-finite params are never used. More chains than usable members
-    need ``resample=True``, which takes several guide draws per member (for a MAP
-    ensemble, repeated points).
+    or with ``weights`` ``K`` distinct members drawn in proportion to their weights
+    (without replacement, seeded by ``rng_key``); members of weight below
+    ``NEGLIGIBLE_WEIGHT`` (1e-3) and members with non-finite params are never used.
+    More chains than usable members need ``resample=True``, which takes several
+    guide draws per member (for a MAP ensemble, repeated points).
 
     **Example:**
 
@@ -76,7 +80,8 @@ def mcmc_init_params(
     :param bool resample: allow ``K > E`` by drawing several starts per member.
     :param weights: member weights (an ``(E,)`` array, or the result of
         :func:`~numpyro_ensemble.importance_weights` /
-        :func:`~numpyro_ensemble.stacking_weights`): start from the heaviest members.
+        :func:`~numpyro_ensemble.stacking_weights`): members drawn in proportion to
+        them, never one of weight below 1e-3.
     :param kwargs: keyword arguments to the model.
     :return: ``{latent site name: unconstrained array of shape (K, *site_shape)}``;
         for ``K = 1`` without the leading axis, as ``MCMC`` expects for one chain.
@@ -92,15 +97,13 @@ def mcmc_init_params(
     E = ensemble.ensemble_size
     K = E if num_chains is None else check_positive_int(num_chains, "num_chains")
     usable = finite_members(params)
-    if weights is None:
-        order = np.flatnonzero(usable)
-    else:
-        w = np.where(usable, member_weights_of(weights, E), 0.0)
-        order = np.argsort(-w, kind="stable")[: int((w > 0).sum())]
+    order = member_order(rng_key, usable, None if weights is None else member_weights_of(
+        weights, E))
     if K > order.size and not resample:
         raise ValueError(
             f"num_chains={K} is larger than the {order.size} usable members (of "
-            f"ensemble_size={E}; weight > 0 and finite params): pass resample=True to "
+            f"ensemble_size={E}; weight >= {NEGLIGIBLE_WEIGHT:g} and finite params): pass "
+            f"resample=True to "
             f"start several chains from draws of the same members, or use fewer chains."
         )
     per_member = math.ceil(K / order.size)
@@ -115,3 +118,24 @@ def mcmc_init_params(
     unconstrained = jax.vmap(lambda z: unconstrain_fn(ensemble.model, args, model_kwargs, z))(starts)
     return jax.tree.map(lambda leaf: leaf[0], unconstrained) if K == 1 else unconstrained
 
+
+
+def host_rng(rng_key: PRNGKeyArray) -> np.random.Generator:
+    """A NumPy generator seeded by a JAX key, for choices made on the host."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(rng_key)).ravel().tolist())
+
+
+def member_order(rng_key, usable: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """The usable members in the order chains start from them: all of them in index
+    order without weights; with ``(E,)`` weights, the members of normalized weight
+    ``>= NEGLIGIBLE_WEIGHT`` drawn in proportion to their weights without
+    replacement (Gumbel top-k)."""
+    if weights is None:
+        return np.flatnonzero(usable)
+    weights = np.asarray(weights, np.float64)
+    if weights.sum() <= 0:
+        return np.zeros(0, int)
+    w = weights / weights.sum()  # negligible as given, not after dropping unusable ones
+    eligible = np.flatnonzero(usable & (w >= NEGLIGIBLE_WEIGHT))
+    keys = np.log(w[eligible]) + host_rng(rng_key).gumbel(size=eligible.size)
+    return eligible[np.argsort(-keys, kind="stable")]

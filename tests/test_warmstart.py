@@ -17,7 +17,7 @@ from numpyro_ensemble import (
     laplace_members,
     nuts_warm_start,
 )
-from numpyro_ensemble.warmstart import _draws_covariance
+from numpyro_ensemble.mcmc import NEGLIGIBLE_WEIGHT, member_order
 
 D = 4
 MEAN = np.arange(D, dtype=np.float32)
@@ -48,9 +48,14 @@ def test_the_metric_is_the_posterior_covariance_and_warm_nuts_is_right(laplace):
     assert not warm.nuts_kwargs["adapt_mass_matrix"] and warm.num_warmup == 150  # trusted
     starts = np.asarray(warm.init_params["x"])
     assert starts.shape == (3, D) and len({tuple(row) for row in starts.round(5)}) == 3
-    # from ensemble draws instead: the shrunk sample covariance
-    drawn = _draws_covariance(members, random.key(3), params, None, 2000, ("x",), (), {})
-    np.testing.assert_allclose(drawn, COV, rtol=0.1, atol=0.05 * COV.max())
+    # the spare starts: as many, distinct from the starts; the reference energy is
+    # the 99th percentile of a 4-d Gaussian's potential energy, 0.5 chi2_4 + log
+    # normalizer: 0.5 * 13.28 + 0.5 * log det(2 pi COV)
+    assert np.asarray(warm.spare_params["x"]).shape == (3, D)
+    assert not np.isin(np.asarray(warm.spare_params["x"]).round(5), starts.round(5)).all(1).any()
+    expected = 0.5 * 13.277 + 0.5 * np.linalg.slogdet(2 * np.pi * COV)[1]
+    assert abs(warm.reference_energy - expected) < 1.0
+    assert warm.nuts_kwargs["kinetic_fn"].__name__ == "guarded_kinetic_energy"
 
     mcmc = MCMC(NUTS(gaussian, **warm.nuts_kwargs), num_warmup=warm.num_warmup,
                 num_samples=500, num_chains=warm.num_chains, chain_method="vectorized",
@@ -60,6 +65,26 @@ def test_the_metric_is_the_posterior_covariance_and_warm_nuts_is_right(laplace):
     sd = np.sqrt(np.diag(COV))
     np.testing.assert_allclose(x.mean(0), MEAN, atol=0.15 * sd.max())
     np.testing.assert_allclose(x.std(0), sd, rtol=0.15)
+
+
+def test_member_weighted_starts_never_use_a_negligible_member():
+    """Members drawn in proportion to their weights without replacement, never one of
+    weight < 1e-3; over many keys the first pick follows the weights."""
+    w = np.array([0.5, 0.3, 0.1999, 0.0009, 0.0001999, 0.0, 1e-9, 0.0])
+    w = w / w.sum()
+    usable = np.ones(8, bool)
+    usable[1] = False  # non-finite params: never, whatever its weight
+    firsts = []
+    for seed in range(400):
+        order = member_order(random.key(seed), usable, w)
+        assert sorted(order.tolist()) == [0, 2], order  # weight >= 1e-3 and usable
+        firsts.append(order[0])
+    share = np.mean(np.array(firsts) == 0)
+    expected = w[0] / (w[0] + w[2])  # 0.714: proportional to the usable weights
+    assert abs(share - expected) < 4 * np.sqrt(expected * (1 - expected) / 400)
+    assert NEGLIGIBLE_WEIGHT == 1e-3
+    # without weights: every usable member, in order
+    assert member_order(random.key(0), usable, None).tolist() == [0, 2, 3, 4, 5, 6, 7]
 
 
 def test_without_trusted_weights_the_metric_keeps_adapting(laplace):
