@@ -50,7 +50,7 @@ STRANDED_DIVERGENCE_RATE = 0.5
 STRANDED_STEP_RATIO = 1e-3
 # A restarted chain's warm-up: at least this many iterations, the metric re-adapted.
 RESTART_WARMUP = 500
-FIELDS = ("diverging", "potential_energy")
+FIELDS = ("diverging", "potential_energy", "num_steps")
 
 
 def guarded_kinetic_energy(inverse_mass_matrix, r):
@@ -73,6 +73,9 @@ class WarmNUTSRun(NamedTuple):
     """``{chain: why}``: chains whose warm-up was run again from a spare start."""
     stranded: dict
     """``{chain: why}``: chains still stranded after their restarts (warned about)."""
+    warmup_num_steps: np.ndarray
+    """``(K,)`` leapfrog steps (gradient evaluations) of each chain's warm-ups, its
+    restarts' included (NumPyro's ``num_steps``; the step-size searches not counted)."""
 
     def get_samples(self, group_by_chain: bool = False) -> dict:
         """``MCMC.get_samples``."""
@@ -168,6 +171,7 @@ def run_warm_nuts(
     step_size = np.asarray(state.adapt_state.step_size, np.float64).reshape(K)
     potential = np.asarray(fields["potential_energy"], np.float64).reshape(K, -1)
     dim = warm.covariance.shape[0]
+    warmup_steps = np.asarray(fields["num_steps"], np.int64).reshape(K, -1).sum(axis=1)
     found = stranded_chains(fields["diverging"].reshape(K, -1), step_size, potential,
                             warm.reference_energy, dim)
     healthy = [k for k in range(K) if k not in found]
@@ -194,6 +198,7 @@ def run_warm_nuts(
                           collect_warmup=True, **kwargs)
             new = single.post_warmup_state
             new_fields = single.get_extra_fields(group_by_chain=True)
+            warmup_steps[k] += int(np.asarray(new_fields["num_steps"]).sum())
             again = stranded_chains(
                 new_fields["diverging"].reshape(1, -1),
                 np.asarray(new.adapt_state.step_size).reshape(1),
@@ -217,7 +222,8 @@ def run_warm_nuts(
     mcmc.post_warmup_state = state
     wanted = tuple(dict.fromkeys(("diverging", *extra_fields)))
     mcmc.run(state.rng_key, *args, extra_fields=wanted, **kwargs)
-    return WarmNUTSRun(mcmc=mcmc, restarted=restarted, stranded=stranded)
+    return WarmNUTSRun(mcmc=mcmc, restarted=restarted, stranded=stranded,
+                       warmup_num_steps=warmup_steps)
 
 
 def _unstack(params: dict) -> list[dict]:

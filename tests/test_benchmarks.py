@@ -102,8 +102,13 @@ def test_nuts_warmstart_synthetic_quick(capsys):
     x64 = bool(jax.config.jax_enable_x64)
     rows = script("nuts_warmstart")["main"](["--synthetic", "--quick"])
     assert bool(jax.config.jax_enable_x64) == x64  # the process's setting restored
-    default, warm = rows
+    default, warm, sequential = rows  # one key in quick mode, both chain methods
     assert (default["method"], warm["method"]) == ("default", "warm")
+    assert (warm["chain_method"], sequential["chain_method"]) == ("vectorized", "sequential")
+    # the same key: the same chains, whichever way they are run
+    assert sequential["grads"] == warm["grads"] and sequential["key"] == warm["key"] == 0
+    assert all(row["stranded"] == 0 for row in rows)
+    assert warm["restarted"] == 0 and warm["left_stranded"] == 0
     for row in rows:
         counts = [row[k] for k in ("warmup_grads", "sampling_grads", "grads")]
         assert all(isinstance(c, int) and c > 0 for c in counts), row
@@ -130,3 +135,4 @@ def test_nuts_warmstart_synthetic_quick(capsys):
         default["grads_per_ess"] / warm["grads_per_ess"])
     out = capsys.readouterr().out
     assert "the fit included:" in out and "per min ESS" in out
+    assert "| synthetic-correlated_regression | 2 | 0 | 0 | 0 | 0 |" in out  # stranded table
