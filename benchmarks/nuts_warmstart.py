@@ -11,7 +11,8 @@ translations in ``posteriordb_models.py``) one process runs, in float64:
    check after warm-up, restarts included) with the warm start's starts, metric,
    step size and warm-up (150 iterations with a trusted, dense metric, else 500
    adapting a diagonal one), 1000 draws, 4 chains, once per chain method
-   (``vectorized`` and ``sequential``: the same key gives the same chains).
+   (``vectorized`` and ``sequential``: the same starts and keys; batched rounding
+   makes their chains differ slightly).
 
 Every run's chains are counted as *stranded* by the measure of the issue that found
 one, computed here on the draws, not by the package's check: more than 50% of its
