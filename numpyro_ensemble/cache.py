@@ -23,11 +23,13 @@ def enable_compilation_cache(path: str | os.PathLike, *, min_compile_time_secs: 
     too, which is most of a first call's time for small models; JAX's own default
     caches only programs that took over a second to compile.
 
-    .. note:: NumPyro's ``Trace_ELBO`` (0.22) sums its sites in the order of a Python
-        ``set``, which changes from process to process with Python's hash
-        randomisation; the programs of SVI steps then differ between processes and
-        are compiled again. Start Python with a fixed ``PYTHONHASHSEED`` (e.g.
-        ``PYTHONHASHSEED=0 python fit.py``) for them to be loaded from the cache too.
+    .. note:: NumPyro's ``Trace_ELBO`` (0.22) adds its sites' terms in the order of a
+        Python ``set``, which changes from process to process with Python's hash
+        randomisation. The ensembles add them by name instead (for ``Trace_ELBO``
+        and :class:`~numpyro_ensemble.TemperedTrace_ELBO`), so their programs, and
+        their numbers, are the same in every process and a second process loads
+        them from the cache. A plain ``SVI`` with NumPyro's ``Trace_ELBO`` still
+        needs a fixed ``PYTHONHASHSEED`` (e.g. ``PYTHONHASHSEED=0 python fit.py``).
 
     **Example:** (at the top of a script)
 

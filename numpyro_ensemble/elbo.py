@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
+import jax
+from jax import random, vmap
 import jax.numpy as jnp
+from numpyro.handlers import replay, seed, substitute
 from numpyro.infer import Trace_ELBO
+from numpyro.infer.util import compute_log_probs
 from numpyro.primitives import Messenger
+from numpyro.util import _validate_model, check_model_guide_match
 
 from numpyro_ensemble._checks import check_num_particles, check_weight
 
@@ -135,6 +142,106 @@ class TemperedTrace_ELBO(Trace_ELBO):
             )
         model = _scale_sites(model, weight=self.kl_weight, latent_only=True)
         guide = _scale_sites(guide, weight=self.kl_weight, latent_only=False)
-        return super().loss_with_mutable_state(
-            rng_key, param_map, model, guide, *args, **kwargs
-        )
+        return trace_elbo_in_name_order(self, rng_key, param_map, model, guide, *args, **kwargs)
+
+
+def trace_elbo_in_name_order(elbo, rng_key, param_map, model, guide, *args, **kwargs):
+    """``Trace_ELBO.loss_with_mutable_state`` of NumPyro 0.22 for the settings of
+    ``elbo``, with the sites' terms formed and added in the order of their names.
+
+    NumPyro forms and adds them in the order of a Python ``set`` of the names, which
+    changes with the process's ``PYTHONHASHSEED``: the traced programs then differ
+    between processes (JAX's persistent compilation cache misses) and so do the float
+    results (the additions round differently), which a fit can amplify into other
+    optima. The numbers are NumPyro's with the names in sorted order.
+    """
+
+    def single_particle_elbo(rng_key):
+        params = param_map.copy()
+        model_seed, guide_seed = random.split(rng_key)
+        seeded_guide = seed(guide, guide_seed)
+        guide_log_probs, guide_trace = compute_log_probs(seeded_guide, args, kwargs, param_map)
+        mutable_params = {
+            name: site["value"] for name, site in guide_trace.items() if site["type"] == "mutable"
+        }
+        params.update(mutable_params)
+        if elbo.multi_sample_guide:
+            plates = {
+                name: site["value"] for name, site in guide_trace.items() if site["type"] == "plate"
+            }
+
+            def compute_model_log_probs(key, latent):
+                with seed(rng_seed=key), substitute(data={**latent, **plates}):
+                    model_log_probs, model_trace = compute_log_probs(model, args, kwargs, params)
+                _validate_model(model_trace, plate_warning="loose")
+                return model_log_probs
+
+            num_guide_samples = None
+            for site in guide_trace.values():
+                if site["type"] == "sample":
+                    num_guide_samples = site["value"].shape[0]
+                    break
+            if num_guide_samples is None:
+                raise ValueError("guide is missing `sample` sites.")
+            seeds = random.split(model_seed, num_guide_samples)
+            latents = {
+                name: site["value"]
+                for name, site in guide_trace.items()
+                if (site["type"] == "sample" and site["value"].size > 0)
+                or (site["type"] == "deterministic")
+            }
+            model_log_probs = vmap(compute_model_log_probs)(seeds, latents)
+            model_log_probs = jax.tree.map(lambda x: jnp.sum(x, axis=0), model_log_probs)
+        else:
+            replay_model = replay(seed(model, model_seed), guide_trace)
+            model_log_probs, model_trace = compute_log_probs(replay_model, args, kwargs, params)
+            check_model_guide_match(model_trace, guide_trace)
+            _validate_model(model_trace, plate_warning="loose")
+            mutable_params.update(
+                {name: site["value"] for name, site in model_trace.items() if site["type"] == "mutable"}
+            )
+
+        # log p(z) - log q(z), by name: NumPyro iterates a set of the names here
+        names = sorted(set(model_log_probs).union(guide_log_probs))
+        terms = {
+            name: model_log_probs.get(name, jnp.array(0.0)) - guide_log_probs.get(name, jnp.array(0.0))
+            for name in names
+        }
+        if elbo.sum_sites:
+            particle = sum((terms[name] for name in names), start=jnp.array(0.0))
+        else:
+            particle = terms
+        if mutable_params:
+            if elbo.num_particles == 1:
+                return particle, mutable_params
+            warnings.warn("mutable state is currently ignored when num_particles > 1.", stacklevel=2)
+        return particle, None
+
+    if elbo.num_particles == 1:
+        value, mutable_state = single_particle_elbo(rng_key)
+        return {"loss": jax.tree.map(jnp.negative, value), "mutable_state": mutable_state}
+    rng_keys = random.split(rng_key, elbo.num_particles)
+    values, mutable_state = elbo.vectorize_particles_fn(single_particle_elbo, rng_keys)
+    return {"loss": jax.tree.map(lambda x: -jnp.mean(x), values), "mutable_state": mutable_state}
+
+
+class _NameOrderTrace_ELBO(Trace_ELBO):
+    """A ``Trace_ELBO`` whose sites' terms are formed and added by name (see
+    :func:`trace_elbo_in_name_order`)."""
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        return trace_elbo_in_name_order(self, rng_key, param_map, model, guide, *args, **kwargs)
+
+
+def in_name_order(loss):
+    """``loss``, or for a NumPyro ``Trace_ELBO`` (which adds its sites in ``set`` order)
+    a copy of it with the same settings that adds them by name; other losses as given
+    (``TemperedTrace_ELBO`` adds them by name itself)."""
+    if isinstance(loss, Trace_ELBO) and (
+        type(loss).loss_with_mutable_state is Trace_ELBO.loss_with_mutable_state
+    ):
+        ordered = object.__new__(_NameOrderTrace_ELBO)
+        ordered.__dict__.update(vars(loss))
+        return ordered
+    return loss
+

@@ -22,6 +22,7 @@ from numpyro_ensemble._checks import (
     check_state,
 )
 from numpyro_ensemble.checkpoint import check_checkpointing, save_checkpoint
+from numpyro_ensemble.elbo import in_name_order
 from numpyro_ensemble.guides import guide_template, member_guide
 from numpyro_ensemble.inspection import ModelInfo, inspect_model
 from numpyro_ensemble.members import (
@@ -204,7 +205,8 @@ class EnsembleSVI(SVI):
         model, guide = self.model, self.guide if guide is None else guide
         if indices:
             model, guide = substitute(model, data=indices), substitute(guide, data=indices)
-        loss = hyper.member_loss(self.loss, hyperparams)
+        # the sites' terms added by name, not in NumPyro's set order (PYTHONHASHSEED)
+        loss = in_name_order(hyper.member_loss(self.loss, hyperparams))
         svi = SVI(model, guide, self.optim, loss, **self.static_kwargs)
         svi.constrain_fn = self.constrain_fn
         return svi

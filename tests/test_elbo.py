@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from numpyro_ensemble import EnsembleSVI, TemperedTrace_ELBO
+from numpyro_ensemble.elbo import in_name_order
 
 
 def local_model(x, y=None):
@@ -44,11 +45,17 @@ def local_setup():
 def test_kl_weight_one_equals_trace_elbo(local_setup, num_particles):
     x, y, guide, params = local_setup
     for key in random.split(random.key(5), 3):
-        ref = Trace_ELBO(num_particles=num_particles).loss_with_mutable_state(key, params, local_model, guide, x, y)
+        # exactly the Trace_ELBO the ensembles run (its sites added by name); NumPyro's
+        # adds them in the order of a set of the names (PYTHONHASHSEED): up to rounding
+        ref = in_name_order(Trace_ELBO(num_particles=num_particles)).loss_with_mutable_state(
+            key, params, local_model, guide, x, y
+        )
+        numpyro_ref = Trace_ELBO(num_particles=num_particles).loss(key, params, local_model, guide, x, y)
         got = TemperedTrace_ELBO(num_particles=num_particles, kl_weight=1.0).loss_with_mutable_state(
             key, params, local_model, guide, x, y
         )
         assert got["loss"] == ref["loss"]  # exactly
+        np.testing.assert_allclose(got["loss"], numpyro_ref, rtol=1e-6)
         if num_particles == 1:
             n = params["calls"]["n"] + 1.0  # one more model call
             assert got["mutable_state"]["calls"]["n"] == ref["mutable_state"]["calls"]["n"] == n
@@ -133,3 +140,81 @@ def test_per_member_kl_weight_needs_an_ensemble_of_that_size():
     with pytest.raises(ValueError, match=r"kl_weight has 2 values \(one per member\), but this "
                                          r"loss is evaluated on its own.*ensemble_size=2"):
         svi.run(random.key(0), 2, y, progress_bar=False)
+
+
+# A fit in a process of its own: the numbers (and the traced programs, dumped by JAX)
+# must not depend on Python's string hash seed, which orders NumPyro's sets of names.
+SITE_NAMES = ("a", "b", "c", "z", "s", "y")
+HASH_SEED_FIT = """
+import hashlib, json
+import jax, jax.numpy as jnp, numpy as np
+from jax import random
+import numpyro, numpyro.distributions as dist
+from numpyro.infer import Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
+import optax
+numpyro.enable_x64()
+from numpyro_ensemble import EnsembleMAP, EnsembleSVI
+
+def model(x, y):
+    a = numpyro.sample("a", dist.Normal(0.0, 10.0))
+    b = numpyro.sample("b", dist.Normal(0.0, 10.0))
+    c = numpyro.sample("c", dist.Normal(0.0, 10.0))
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    s = numpyro.sample("s", dist.HalfNormal(5.0))
+    with numpyro.plate("n", x.shape[0]):
+        numpyro.sample("y", dist.Normal(a + b * x + c * x**2 + z.sum(), s), obs=y)
+
+def digest(tree):
+    return hashlib.sha256(b"".join(np.asarray(v).tobytes() for v in jax.tree.leaves(tree))).hexdigest()
+
+x = jnp.linspace(-1.0, 1.0, 20)
+y = 1.0 + 2.0 * x + 0.5 * x**2
+svi = EnsembleSVI(model, AutoNormal(model), optax.adam(0.05), Trace_ELBO(), ensemble_size=2)
+fit = svi.run(random.key(0), 20, x, y, progress_bar=False)
+map_fit = EnsembleMAP(model, optax.adam(0.05), ensemble_size=2).run(random.key(1), 20, x, y,
+                                                                     progress_bar=False)
+print(json.dumps({"svi": digest((fit.params, fit.losses)),
+                  "map": digest((map_fit.params, map_fit.losses))}))
+"""
+
+
+def _set_order(hash_seed):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed)}
+    code = f"print(list(set({SITE_NAMES!r})))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          check=True).stdout
+
+
+def test_fit_is_the_same_whatever_the_hash_seed(tmp_path):
+    # NumPyro's Trace_ELBO forms and adds its sites' terms in the order of a set of the
+    # names; the package adds them by name, for Trace_ELBO members and TemperedTrace_ELBO
+    # (EnsembleMAP). Two processes whose set orders differ: the same bits and programs.
+    import hashlib
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    seeds = [0]
+    seeds.append(next(s for s in range(1, 50) if _set_order(s) != _set_order(0)))
+    found = []
+    for seed_value in seeds:
+        dump = tmp_path / f"ir{seed_value}"
+        env = {**os.environ, "PYTHONHASHSEED": str(seed_value), "JAX_DUMP_IR_TO": str(dump)}
+        out = subprocess.run([sys.executable, "-c", HASH_SEED_FIT], capture_output=True,
+                             text=True, cwd=pathlib.Path(__file__).parents[1], env=env,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        programs = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in dump.iterdir()}
+        found.append((json.loads(out.stdout.splitlines()[-1]), programs))
+    (first, first_programs), (second, second_programs) = found
+    assert first["svi"] == second["svi"]  # Trace_ELBO, as the package's members run it
+    assert first["map"] == second["map"]  # TemperedTrace_ELBO
+    assert first_programs and any("chunk" in name for name in first_programs)
+    assert first_programs == second_programs
