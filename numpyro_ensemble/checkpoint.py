@@ -23,6 +23,8 @@ import tempfile
 import jax
 import numpy as np
 
+from numpyro_ensemble._checks import check_positive_int
+
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
 FORMAT = "numpyro_ensemble.checkpoint"
@@ -50,8 +52,6 @@ def check_checkpoint_path(path) -> None:
 
 def check_checkpointing(path, every, num_steps: int) -> int | None:
     """``run``'s ``checkpoint_path`` / ``checkpoint_every``: the steps between saves."""
-    from numpyro_ensemble._checks import check_positive_int
-
     if every is not None:
         every = check_positive_int(every, "checkpoint_every")
         if path is None:

@@ -16,6 +16,7 @@ from numpyro.infer.svi import SVI
 
 from numpyro_ensemble._checks import check_state_params, check_support, warn
 from numpyro_ensemble.members import map_members, member_args
+from numpyro_ensemble.sharding import put
 
 __all__ = ["IdenticalMembersWarning"]
 
@@ -46,7 +47,6 @@ def resume(svi, rng_key, init_state, args, kwargs, progs, split):
     """``run(..., init_state=...)``: a new object resuming a saved state sets up the
     guide first; the state must hold this model and guide's params."""
     from numpyro_ensemble.optim import check_optimizer
-    from numpyro_ensemble.sharding import put
 
     set_up(svi, rng_key, args, kwargs, progs, need_reference=False)
     check_optimizer(svi, svi._inspect(split), args, kwargs)

@@ -73,7 +73,7 @@ from numpyro_ensemble.health import finite_members
 from numpyro_ensemble.inspection import inspect_model
 from numpyro_ensemble.mcmc import NEGLIGIBLE_WEIGHT, host_rng, member_order
 from numpyro_ensemble.nuts_run import WarmNUTSRun, guarded_kinetic_energy, run_warm_nuts
-from numpyro_ensemble.posterior import _check_params, sample_posterior
+from numpyro_ensemble.posterior import _check_params, guide_sites, sample_posterior
 from numpyro_ensemble.weights import ImportanceWeights, member_weights_of
 
 __all__ = ["NUTSWarmStart", "nuts_warm_start"]
@@ -359,8 +359,6 @@ def _weighted_quantile(values: np.ndarray, log_w: np.ndarray, q: float) -> float
 
 
 def _sites(ensemble, params, args, kwargs):
-    from numpyro_ensemble.posterior import guide_sites
-
     safe = jax.tree.map(lambda v: jnp.where(jnp.isfinite(v), v, 0.0), params)
     return guide_sites(ensemble, safe, *args, **kwargs)
 
