@@ -40,7 +40,8 @@ import numpyro
 import numpyro.distributions as dist
 import optax
 
-from numpyro_ensemble import EnsembleMAP, batching
+from numpyro_ensemble import EnsembleMAP
+from numpyro_ensemble.engine import batching
 
 MODES = ("epoch", "iid", "numpyro")
 

@@ -79,7 +79,7 @@ import posteriordb as pdb  # noqa: E402
 
 METHODS = ("default", "warm")
 CHAIN_METHODS = ("vectorized", "sequential")
-# EnsembleMAP's default rule with its default L-BFGS (numpyro_ensemble.optim), given
+# EnsembleMAP's default rule with its default L-BFGS (numpyro_ensemble.fit.optim), given
 # explicitly because the benchmark passes that L-BFGS wrapped in a counter.
 DEFAULT_STOPPING = EarlyStopping(patience=10, smoothing=0.0, grad_tol=1e-5)
 

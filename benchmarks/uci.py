@@ -142,7 +142,7 @@ def fit_and_score(x, y, fit_rows, eval_rows, learning_rates, *, hidden, epochs, 
     per_group = lambda a: jnp.asarray(np.repeat(a, ENSEMBLE_SIZE, axis=0), jnp.float32)  # noqa: E731
     batch_size = min(batch_size, num_fit)
     num_steps = epochs * math.ceil(num_fit / batch_size)
-    # Per-member learning rates (numpyro_ensemble.hyper), times a shared cosine factor.
+    # Per-member learning rates (numpyro_ensemble.engine.hyper), times a shared cosine factor.
     optim = optax.chain(
         optax.inject_hyperparams(optax.adam)(learning_rate=per_group(np.asarray(learning_rates))),
         optax.scale_by_schedule(optax.cosine_decay_schedule(1.0, num_steps, alpha=0.01)),

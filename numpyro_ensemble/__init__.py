@@ -1,27 +1,27 @@
 """Ensembles of SVI and MAP fits of one NumPyro model."""
 
-from numpyro_ensemble.arviz_export import to_arviz
-from numpyro_ensemble.cache import clear_compiled_programs, enable_compilation_cache
-from numpyro_ensemble.checkpoint import load_checkpoint, save_checkpoint
-from numpyro_ensemble.diagnostics import EnsembleSummary, ensemble_summary
-from numpyro_ensemble.elbo import TemperedTrace_ELBO
-from numpyro_ensemble.importance import importance_weights
-from numpyro_ensemble.laplace import laplace_members
-from numpyro_ensemble.laplace_starts import laplace_init_params
-from numpyro_ensemble.map import EnsembleMAP
-from numpyro_ensemble.mcmc import mcmc_init_params
-from numpyro_ensemble.members import per_member
-from numpyro_ensemble.nuts_run import WarmNUTSRun
-from numpyro_ensemble.nuts_summary import NUTSSummary, nuts_summary
-from numpyro_ensemble.oneshot import ensemble_map, ensemble_svi
-from numpyro_ensemble.posterior import ensemble_predict, ensemble_predictive, sample_posterior
-from numpyro_ensemble.selection import concat_members, select_members, take_member
-from numpyro_ensemble.stacking import stacking_weights
-from numpyro_ensemble.starts import IdenticalMembersWarning
-from numpyro_ensemble.stopping import EarlyStopping
-from numpyro_ensemble.svi import EnsembleSVI
-from numpyro_ensemble.warmstart import NUTSWarmStart, nuts_warm_start
-from numpyro_ensemble.weights import ImportanceWeights, StackingWeights
+from numpyro_ensemble.engine.cache import clear_compiled_programs, enable_compilation_cache
+from numpyro_ensemble.engine.checkpoint import load_checkpoint, save_checkpoint
+from numpyro_ensemble.engine.members import per_member
+from numpyro_ensemble.engine.starts import IdenticalMembersWarning
+from numpyro_ensemble.engine.stopping import EarlyStopping
+from numpyro_ensemble.fit.elbo import TemperedTrace_ELBO
+from numpyro_ensemble.fit.map import EnsembleMAP
+from numpyro_ensemble.fit.oneshot import ensemble_map, ensemble_svi
+from numpyro_ensemble.fit.svi import EnsembleSVI
+from numpyro_ensemble.trust.diagnostics import EnsembleSummary, ensemble_summary
+from numpyro_ensemble.trust.importance import importance_weights
+from numpyro_ensemble.trust.nuts_summary import NUTSSummary, nuts_summary
+from numpyro_ensemble.trust.stacking import stacking_weights
+from numpyro_ensemble.use.arviz_export import to_arviz
+from numpyro_ensemble.use.laplace import laplace_members
+from numpyro_ensemble.use.laplace_starts import laplace_init_params
+from numpyro_ensemble.use.mcmc import mcmc_init_params
+from numpyro_ensemble.use.nuts_run import WarmNUTSRun
+from numpyro_ensemble.use.posterior import ensemble_predict, ensemble_predictive, sample_posterior
+from numpyro_ensemble.use.selection import concat_members, select_members, take_member
+from numpyro_ensemble.use.warmstart import NUTSWarmStart, nuts_warm_start
+from numpyro_ensemble.use.weights import ImportanceWeights, StackingWeights
 
 __all__ = [
     "EarlyStopping",

@@ -134,7 +134,7 @@ def test_data_as_python_lists():
 @pytest.fixture
 def nothing_compiles(monkeypatch):
     """Fails the test if an ensemble builds its compiled programs: the error must come first."""
-    from numpyro_ensemble import loop
+    from numpyro_ensemble.engine import loop
 
     def refuse(ensemble):
         raise AssertionError("the ensemble started compiling before the input was checked")
@@ -335,7 +335,7 @@ def test_a_flat_loss_has_no_newton_step():
     # not a division that warns.
     import warnings
 
-    from numpyro_ensemble.convergence import _decrement
+    from numpyro_ensemble.trust.convergence import _decrement
 
     g = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     hessian = np.stack([np.zeros((2, 2)), np.zeros((2, 2)), np.diag([2.0, 1.0])])

@@ -34,10 +34,10 @@ def test_every_tutorial_is_in_the_navigation_and_tested():
 
 def tutorials_run_by_tests() -> set:
     """The names ``n`` of ``run_tutorial("n", ...)`` calls (conftest.py: runs
-    examples/n.py in quick mode) inside the test functions of tests/test_*.py: a
+    examples/n.py in quick mode) inside the test functions of tests/**/test_*.py: a
     mention in a comment, a string or a helper does not count."""
     found = set()
-    for path in (ROOT / "tests").glob("test_*.py"):
+    for path in (ROOT / "tests").rglob("test_*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
                 continue

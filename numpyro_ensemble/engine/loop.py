@@ -1,0 +1,351 @@
+"""The compiled programs of an ensemble: per-member init, the scanned steps of ``run``,
+``get_params``, and the host loop that drives ``run`` in chunks with a progress bar.
+
+Programs are kept per *configuration* (model, guide, optimizer, loss, static
+kwargs and the ensemble options), not per object: a new ``EnsembleSVI`` on the
+same model, guide and optimizer reuses the programs an earlier one compiled.
+Each program maps the members with :func:`~numpyro_ensemble.engine.members.map_members`
+and, with ``devices=``, runs per device on its own block of members.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
+import tqdm
+
+from numpyro_ensemble.engine import batching, hyper, stopping
+from numpyro_ensemble.engine.checks import warn
+from numpyro_ensemble.engine.members import (
+    SplitArgs,
+    apply_members,
+    combine,
+    map_members,
+    merge_args,
+    partition,
+    split_args,
+)
+from numpyro_ensemble.engine.sharding import put, put_args, shard_members
+from numpyro_ensemble.engine.starts import identical_flags
+
+__all__ = []
+
+# How many times ``run(progress_bar=True)`` hands control back to the host.
+PROGRESS_UPDATES = 20
+# Largest copy of the model's shared array arguments (one per member) that ``run``
+# makes on full data: XLA does not hoist size-inflating broadcasts out of a loop, so
+# shared data would otherwise be broadcast against the member axis at every step
+# (measured: 1.2-1.4x slower steps on the sinc model).
+BROADCAST_BYTES = 64 * 2**20
+
+_registry: dict = {}
+_registry_lock = threading.Lock()
+
+
+def hashable(value):
+    """``value`` if it is hashable, else its identity: a part of a program key."""
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return value
+
+
+def loss_key(loss):
+    """Losses of one type with equal settings compile to the same program."""
+    try:
+        settings = tuple(sorted((k, hyper.program_value(v)) for k, v in vars(loss).items()))
+        hash(settings)
+    except TypeError:
+        return ("id", id(loss))
+    return (type(loss), settings)
+
+
+def programs(ensemble) -> Programs:
+    """The compiled programs of ``ensemble``'s configuration (shared with every
+    ensemble of the same configuration)."""
+    key = ensemble._program_key()
+    with _registry_lock:
+        found = _registry.get(key)
+        if found is None:
+            found = _registry[key] = Programs(ensemble)
+    return found
+
+
+def clear_programs() -> None:
+    """Drops every configuration's programs (see :func:`programs`)."""
+    with _registry_lock:
+        _registry.clear()
+
+
+class Programs:
+    """The jitted programs of one configuration. ``owner`` is the first ensemble made
+    with it; the programs use its per-member primitives, which are the same for every
+    ensemble of that configuration."""
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.constrain_fn = None  # set by the first init; shared by later objects
+        self.init = jax.jit(self._init, static_argnames=("static", "axes"))
+        self.chunk = jax.jit(
+            self._chunk,
+            static_argnames=(
+                "static", "axes", "plates", "length", "stable_update", "forward_mode",
+                "early_stopping",
+            ),
+        )
+        self.get_params = jax.jit(self._get_params)
+
+    @property
+    def _map_options(self):
+        return {"members_per_chunk": self.owner.members_per_chunk}
+
+    def _init(self, keys, init_params, dynamic, *, static, axes):
+        """The members' initial states and, to tell whether members start identical,
+        the :func:`~numpyro_ensemble.engine.starts.identical_flags` of their params."""
+        owner = self.owner
+        state, params = apply_members(
+            lambda m, args, kwargs: owner._init_member(*m, args, kwargs),
+            (keys, init_params),
+            SplitArgs(dynamic, axes, static),
+            mesh=owner.mesh,
+            **self._map_options,
+        )
+        state = state._replace(
+            optim_state=hyper.split_optimizer_state(state.optim_state, keys.shape[0])
+        )
+        flags = identical_flags(params) if keys.shape[0] > 1 else {}
+        if owner.mesh is not None:
+            flags = jax.lax.with_sharding_constraint(flags, NamedSharding(owner.mesh, PartitionSpec()))
+        return state, flags
+
+    def _get_params(self, state):
+        member = self.owner._member()
+        return apply_members(
+            lambda s, args, kwargs: member.get_params(s),
+            state,
+            split_args((), {}),
+            mesh=self.owner.mesh,
+            **self._map_options,
+        )
+
+    def _chunk(
+        self, state, stream, keys, dynamic, stop, hyperparams,
+        *, static, axes, plates, length, stable_update, forward_mode, early_stopping,
+    ):
+        owner = self.owner
+        mode = owner.subsample
+
+        def local(state, stream, keys, mapped_dyn, shared_dyn, stop, hyperparams):
+            num_local = jax.tree.leaves(state)[0].shape[0]
+            dynamic = combine(mapped_dyn, shared_dyn, axes)
+            nbytes = sum(d.size * d.dtype.itemsize for a, d in zip(axes, dynamic, strict=True) if a is None)
+            step_axes = axes
+            # Not with mini-batches: gathers from member copies of the data cost more than
+            # the broadcast saves (measured: 2x slower steps on a logistic regression).
+            if num_local > 1 and not plates and num_local * nbytes <= BROADCAST_BYTES:
+                dynamic = [
+                    d if a == 0 else jnp.broadcast_to(d, (num_local, *d.shape))
+                    for a, d in zip(axes, dynamic, strict=True)
+                ]
+                step_axes = (0,) * len(axes)
+            member_dyn, member_shared = partition(dynamic, step_axes)
+
+            def member(m, shared):
+                member_state, indices, dyn, member_hyperparams = m
+                args, kwargs = merge_args(combine(dyn, shared, step_axes), static)
+                return owner._member_step(
+                    member_state, indices, member_hyperparams, args, kwargs,
+                    stable_update=stable_update, forward_mode=forward_mode,
+                )
+
+            def step(carry, _):
+                state, stream, stop = carry
+                indices = {}
+                if plates:
+                    indices, stream = batching.advance(plates, mode, keys, stream, self._map_options)
+                new_state, losses = map_members(
+                    member, (state, indices, member_dyn, hyperparams), member_shared,
+                    **self._map_options,
+                )
+                norms = None
+                if early_stopping is not None and early_stopping.grad_tol is not None:
+                    norms = stopping.grad_norms(new_state.optim_state)
+                state, losses, stop = stopping.apply(
+                    early_stopping, stop, state, new_state, losses, norms
+                )
+                return (state, stream, stop), losses
+
+            (state, stream, stop), losses = lax.scan(
+                step, (state, stream, stop), None, length=length
+            )
+            return state, stream, losses.T, stop
+
+        stream_members = False  # the stream's position is the same for every member
+        mapped_dyn, shared_dyn = partition(dynamic, axes)
+        state, stream, losses, stop = shard_members(
+            local,
+            owner.mesh,
+            (True, stream_members, True, True, False, True, True),
+            (True, stream_members, True, True),
+        )(state, stream, keys, mapped_dyn, shared_dyn, stop, hyperparams)
+        return state, stream, losses, stop, _summary(losses, stop, owner.mesh)
+
+
+def _summary(losses, stop, mesh):
+    """What the host reads after a chunk: (mean, min, max) over members of their mean
+    loss in the chunk, which members had a non-finite loss, and whether every member
+    has stopped; replicated, so every host can read them."""
+    per_member = jnp.nanmean(losses, axis=1)
+    stats = jnp.stack([jnp.nanmean(per_member), jnp.nanmin(per_member), jnp.nanmax(per_member)])
+    nonfinite = jnp.any(~jnp.isfinite(losses), axis=1)
+    all_stopped = jnp.all(stop.stopped)
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        stats, nonfinite, all_stopped = jax.lax.with_sharding_constraint(
+            (stats, nonfinite, all_stopped), replicated
+        )
+    return stats, nonfinite, all_stopped
+
+
+def chunk_lengths(num_steps: int, progress_bar: bool) -> list[int]:
+    """Lengths of the scanned chunks: one chunk without a progress bar, else about
+    ``PROGRESS_UPDATES`` chunks of one length (plus at most one shorter tail), so
+    that at most two scan lengths are ever compiled."""
+    if not progress_bar:
+        return [num_steps]
+    if num_steps <= PROGRESS_UPDATES:
+        return [1] * num_steps
+    for count in range(PROGRESS_UPDATES, PROGRESS_UPDATES // 2 - 1, -1):
+        if num_steps % count == 0:  # prefer equal chunks: a single compile
+            return [num_steps // count] * count
+    length = math.ceil(num_steps / PROGRESS_UPDATES)
+    full, tail = divmod(num_steps, length)
+    return [length] * full + ([tail] if tail else [])
+
+
+def drive(
+    run_chunk, state, stream, stop, num_steps: int, progress_bar: bool, chunked: bool,
+    every: int | None = None, on_chunk=None,
+):
+    """Run ``num_steps`` steps as scanned chunks, advancing a tqdm bar between them.
+
+    ``run_chunk(state, stream, stop, length) -> (state, stream, losses, stop, summary)``.
+    The host reads chunk ``k``'s summary while chunk ``k + 1`` runs on the device; once
+    every member has stopped (early stopping) no further chunk is started, and the
+    losses of the steps not run repeat each member's last loss. ``chunked`` cuts the
+    run into chunks even without a progress bar (for early stopping); ``every`` makes
+    chunks of that length (checkpoints), after each of which ``on_chunk(state)`` runs.
+    Returns ``(state, losses (E, num_steps), nonfinite (E,) bool, stop)``.
+    """
+    losses, nonfinite, done = [], None, 0
+    with tqdm.tqdm(total=num_steps, disable=not progress_bar) as bar:
+        pending = None
+        lengths = (
+            chunk_lengths(num_steps, progress_bar or chunked)
+            if every is None
+            else [every] * (num_steps // every) + ([num_steps % every] if num_steps % every else [])
+        )
+        for length in lengths:
+            state, stream, chunk_losses, stop, summary = run_chunk(state, stream, stop, length)
+            if on_chunk is not None:
+                on_chunk(state)
+            losses.append(chunk_losses)
+            done += length
+            if pending is not None:
+                nonfinite, finished = _report(bar, *pending, nonfinite)
+                if finished:
+                    break
+            pending = (length, summary)
+        else:
+            nonfinite, _ = _report(bar, *pending, nonfinite)
+    losses = losses[0] if len(losses) == 1 else jnp.concatenate(losses, axis=1)
+    if done < num_steps:
+        losses = jnp.concatenate(
+            [losses, jnp.broadcast_to(losses[:, -1:], (losses.shape[0], num_steps - done))], axis=1
+        )
+    return state, losses, nonfinite, stop
+
+
+@jax.jit
+def _max_step(steps):
+    """The members' largest step count, replicated (readable on every host)."""
+    return jnp.max(steps)
+
+
+def run_plates(ensemble, split: SplitArgs) -> tuple:
+    """The subsampled plates whose indices ``run`` draws (none with ``subsample="numpyro"``)."""
+    if ensemble.subsample == "numpyro":
+        return ()
+    return ensemble._inspect(split).plates
+
+
+def run_steps(
+    ensemble, progs, rng_key, svi_state, split, num_steps, *,
+    progress_bar, stable_update, forward_mode, early_stopping, on_chunk, every,
+):
+    """``num_steps`` scanned steps of every member from ``svi_state`` (the body of
+    ``EnsembleSVI.run``): mini-batch streams, chunks, early stopping, checkpoints and
+    the warning about members with non-finite losses.
+    Returns ``(state, losses (E, num_steps), stop)``."""
+    if getattr(ensemble.loss, "num_particles", 1) > 1 and svi_state.mutable_state is not None:
+        # NumPyro ignores mutable state with several particles (and warns when the loss
+        # is traced): its update returns None, which the scan's carry must match.
+        svi_state = svi_state._replace(mutable_state=None)
+    plates = run_plates(ensemble, split)
+    keys, stream = None, batching.position_at((), ensemble.subsample, 0)
+    if plates:
+        keys = put(batching.stream_keys(ensemble.member_keys(rng_key)), ensemble.mesh, True)
+        t0 = int(_max_step(svi_state.optim_state[0]))
+        stream = batching.position_at(plates, ensemble.subsample, t0)
+    dynamic = put_args(split.dynamic, split.axes, ensemble.mesh)
+    hyperparams = put(ensemble._hyperparams, ensemble.mesh, True)
+
+    def run_chunk(state, stream, stop, length):
+        return progs.chunk(
+            state, stream, keys, dynamic, stop, hyperparams,
+            static=split.static, axes=split.axes, plates=plates, length=length,
+            stable_update=stable_update, forward_mode=forward_mode,
+            early_stopping=early_stopping,
+        )
+
+    stop = put(stopping.init(ensemble.ensemble_size), ensemble.mesh, True)
+    state, losses, nonfinite, stop = drive(
+        run_chunk, svi_state, stream, stop, num_steps, progress_bar,
+        chunked=early_stopping is not None, every=every, on_chunk=on_chunk,
+    )
+    bad = np.flatnonzero(nonfinite)
+    if bad.size:
+        kept = (
+            "they kept their last finite state at those steps"
+            if stable_update
+            else "pass stable_update=True to keep their last finite state"
+        )
+        warn(
+            f"{type(ensemble).__name__}.run: members {bad.tolist()} of "
+            f"{ensemble.ensemble_size} had non-finite losses; {kept}. The other "
+            f"members are unaffected.",
+            RuntimeWarning,
+        )
+    return state, losses, stop
+
+
+def _report(bar, length, summary, nonfinite):
+    stats, bad, finished = jax.device_get(summary)  # blocks until that chunk is done
+    nonfinite = bad if nonfinite is None else nonfinite | bad
+    if not bar.disable:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, low, high = (float(v) for v in stats)
+        bar.set_postfix_str(
+            f"loss over members: mean {mean:.4g}, min {low:.4g}, max {high:.4g}", refresh=False
+        )
+        bar.update(length)
+    return np.asarray(nonfinite), bool(finished)
