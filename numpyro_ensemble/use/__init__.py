@@ -1,0 +1,2 @@
+"""Using a fit: draws and predictive, ArviZ export, member selection, Laplace
+members, the weight containers, MCMC starts and the NUTS warm start."""
