@@ -39,6 +39,10 @@ __all__ = []
 
 # How many times ``run(progress_bar=True)`` hands control back to the host.
 PROGRESS_UPDATES = 20
+# The longest chunk: a run is chunks of at most this many steps, each run by the same
+# program (a dynamic trip count, the chunk's losses in an (E, MAX_CHUNK) buffer), so
+# runs of any length, progress bar or not, early stopping or not, share one program.
+MAX_CHUNK = 1024
 # Largest copy of the model's shared array arguments (one per member) that ``run``
 # makes on full data: XLA does not hoist size-inflating broadcasts out of a loop, so
 # shared data would otherwise be broadcast against the member axis at every step
@@ -137,13 +141,16 @@ class Programs:
         )
 
     def _chunk(
-        self, state, stream, keys, dynamic, stop, hyperparams,
+        self, state, stream, keys, dynamic, stop, hyperparams, count,
         *, static, axes, plates, length, stable_update, forward_mode, early_stopping,
     ):
+        """``count`` steps (a traced int, at most ``length``) of every member; their
+        losses in the first ``count`` columns of an ``(E, length)`` buffer (NaN after):
+        every chunk of every run shares one program (``length`` is ``MAX_CHUNK``)."""
         owner = self.owner
         mode = owner.subsample
 
-        def local(state, stream, keys, mapped_dyn, shared_dyn, stop, hyperparams):
+        def local(state, stream, keys, mapped_dyn, shared_dyn, stop, hyperparams, count):
             num_local = jax.tree.leaves(state)[0].shape[0]
             dynamic = combine(mapped_dyn, shared_dyn, axes)
             nbytes = sum(d.size * d.dtype.itemsize for a, d in zip(axes, dynamic, strict=True) if a is None)
@@ -166,7 +173,7 @@ class Programs:
                     stable_update=stable_update, forward_mode=forward_mode,
                 )
 
-            def step(carry, _):
+            def step(carry):
                 state, stream, stop = carry
                 indices = {}
                 if plates:
@@ -183,29 +190,36 @@ class Programs:
                 )
                 return (state, stream, stop), losses
 
-            (state, stream, stop), losses = lax.scan(
-                step, (state, stream, stop), None, length=length
-            )
-            return state, stream, losses.T, stop
+            def body(i, loop_carry):
+                carry, buffer = loop_carry
+                carry, losses = step(carry)
+                return carry, lax.dynamic_update_index_in_dim(buffer, losses, i, axis=1)
+
+            carry = (state, stream, stop)
+            one = jax.eval_shape(lambda c: step(c)[1], carry)
+            buffer = jnp.full((num_local, length), jnp.nan, one.dtype)
+            (state, stream, stop), losses = lax.fori_loop(0, count, body, (carry, buffer))
+            return state, stream, losses, stop
 
         stream_members = False  # the stream's position is the same for every member
         mapped_dyn, shared_dyn = partition(dynamic, axes)
         state, stream, losses, stop = shard_members(
             local,
             owner.mesh,
-            (True, stream_members, True, True, False, True, True),
+            (True, stream_members, True, True, False, True, True, False),
             (True, stream_members, True, True),
-        )(state, stream, keys, mapped_dyn, shared_dyn, stop, hyperparams)
-        return state, stream, losses, stop, _summary(losses, stop, owner.mesh)
+        )(state, stream, keys, mapped_dyn, shared_dyn, stop, hyperparams, count)
+        return state, stream, losses, stop, _summary(losses, stop, owner.mesh, count)
 
 
-def _summary(losses, stop, mesh):
+def _summary(losses, stop, mesh, count):
     """What the host reads after a chunk: (mean, min, max) over members of their mean
-    loss in the chunk, which members had a non-finite loss, and whether every member
-    has stopped; replicated, so every host can read them."""
-    per_member = jnp.nanmean(losses, axis=1)
+    loss in the chunk's ``count`` steps, which members had a non-finite loss, and
+    whether every member has stopped; replicated, so every host can read them."""
+    ran = jnp.arange(losses.shape[1]) < count
+    per_member = jnp.nanmean(jnp.where(ran, losses, jnp.nan), axis=1)
     stats = jnp.stack([jnp.nanmean(per_member), jnp.nanmin(per_member), jnp.nanmax(per_member)])
-    nonfinite = jnp.any(~jnp.isfinite(losses), axis=1)
+    nonfinite = jnp.any(ran & ~jnp.isfinite(losses), axis=1)
     all_stopped = jnp.all(stop.stopped)
     if mesh is not None:
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -216,19 +230,27 @@ def _summary(losses, stop, mesh):
 
 
 def chunk_lengths(num_steps: int, progress_bar: bool) -> list[int]:
-    """Lengths of the scanned chunks: one chunk without a progress bar, else about
-    ``PROGRESS_UPDATES`` chunks of one length (plus at most one shorter tail), so
-    that at most two scan lengths are ever compiled."""
-    if not progress_bar:
-        return [num_steps]
-    if num_steps <= PROGRESS_UPDATES:
-        return [1] * num_steps
-    for count in range(PROGRESS_UPDATES, PROGRESS_UPDATES // 2 - 1, -1):
-        if num_steps % count == 0:  # prefer equal chunks: a single compile
-            return [num_steps // count] * count
-    length = math.ceil(num_steps / PROGRESS_UPDATES)
+    """Lengths of the scanned chunks: chunks of ``MAX_CHUNK`` steps without a progress
+    bar, else about ``PROGRESS_UPDATES`` chunks of one length; a shorter tail. Every
+    chunk runs in the same program (a dynamic trip count, see :class:`Programs`)."""
+    length = MAX_CHUNK if not progress_bar else math.ceil(num_steps / PROGRESS_UPDATES)
+    length = max(1, min(length, MAX_CHUNK))
     full, tail = divmod(num_steps, length)
     return [length] * full + ([tail] if tail else [])
+
+
+def chunk_plan(num_steps: int, progress_bar: bool, every: int | None) -> list[tuple[int, bool]]:
+    """``(length, checkpoint after it)`` of every chunk: :func:`chunk_lengths`, or with
+    ``every`` (checkpoints) segments of ``every`` steps, each cut into chunks of at
+    most ``MAX_CHUNK``, a checkpoint after the last chunk of each segment."""
+    if every is None:
+        return [(length, False) for length in chunk_lengths(num_steps, progress_bar)]
+    segments = [every] * (num_steps // every) + ([num_steps % every] if num_steps % every else [])
+    plan = []
+    for segment in segments:
+        lengths = chunk_lengths(segment, False)
+        plan += [(length, k == len(lengths) - 1) for k, length in enumerate(lengths)]
+    return plan
 
 
 def drive(
@@ -237,27 +259,23 @@ def drive(
 ):
     """Run ``num_steps`` steps as scanned chunks, advancing a tqdm bar between them.
 
-    ``run_chunk(state, stream, stop, length) -> (state, stream, losses, stop, summary)``.
-    The host reads chunk ``k``'s summary while chunk ``k + 1`` runs on the device; once
-    every member has stopped (early stopping) no further chunk is started, and the
-    losses of the steps not run repeat each member's last loss. ``chunked`` cuts the
-    run into chunks even without a progress bar (for early stopping); ``every`` makes
-    chunks of that length (checkpoints), after each of which ``on_chunk(state)`` runs.
+    ``run_chunk(state, stream, stop, length) -> (state, stream, losses, stop, summary)``,
+    ``losses`` of shape ``(E, n >= length)`` with the chunk's in its first ``length``
+    columns. The host reads chunk ``k``'s summary while chunk ``k + 1`` runs on the
+    device; once every member has stopped (early stopping) no further chunk is started,
+    and the losses of the steps not run repeat each member's last loss. ``chunked`` cuts
+    the run into chunks as a progress bar does (for early stopping); ``every`` makes
+    segments of that length (checkpoints), after each of which ``on_chunk(state)`` runs.
     Returns ``(state, losses (E, num_steps), nonfinite (E,) bool, stop)``.
     """
     losses, nonfinite, done = [], None, 0
     with tqdm.tqdm(total=num_steps, disable=not progress_bar) as bar:
         pending = None
-        lengths = (
-            chunk_lengths(num_steps, progress_bar or chunked)
-            if every is None
-            else [every] * (num_steps // every) + ([num_steps % every] if num_steps % every else [])
-        )
-        for length in lengths:
+        for length, checkpoint in chunk_plan(num_steps, progress_bar or chunked, every):
             state, stream, chunk_losses, stop, summary = run_chunk(state, stream, stop, length)
-            if on_chunk is not None:
+            if checkpoint and on_chunk is not None:
                 on_chunk(state)
-            losses.append(chunk_losses)
+            losses.append((chunk_losses, length))
             done += length
             if pending is not None:
                 nonfinite, finished = _report(bar, *pending, nonfinite)
@@ -266,12 +284,27 @@ def drive(
             pending = (length, summary)
         else:
             nonfinite, _ = _report(bar, *pending, nonfinite)
-    losses = losses[0] if len(losses) == 1 else jnp.concatenate(losses, axis=1)
-    if done < num_steps:
+    return state, _joined(losses, num_steps), nonfinite, stop
+
+
+def _joined(chunks, num_steps):
+    """The chunks' losses side by side, ``(E, num_steps)``; steps not run (every member
+    stopped) repeat each member's last loss. On the host (NumPy: nothing to compile)
+    where the losses are, else on the devices."""
+    if all(getattr(b, "is_fully_addressable", True) for b, _ in chunks):
+        losses = np.concatenate([np.asarray(b)[:, :n] for b, n in chunks], axis=1)
+        if losses.shape[1] < num_steps:
+            losses = np.concatenate(
+                [losses, np.repeat(losses[:, -1:], num_steps - losses.shape[1], axis=1)], axis=1
+            )
+        return jax.device_put(losses)  # (jnp.asarray would compile a program per shape)
+    losses = jnp.concatenate([b[:, :n] for b, n in chunks], axis=1)
+    if losses.shape[1] < num_steps:
         losses = jnp.concatenate(
-            [losses, jnp.broadcast_to(losses[:, -1:], (losses.shape[0], num_steps - done))], axis=1
+            [losses, jnp.broadcast_to(losses[:, -1:], (losses.shape[0], num_steps - losses.shape[1]))],
+            axis=1,
         )
-    return state, losses, nonfinite, stop
+    return losses
 
 
 @jax.jit
@@ -310,8 +343,8 @@ def run_steps(
 
     def run_chunk(state, stream, stop, length):
         return progs.chunk(
-            state, stream, keys, dynamic, stop, hyperparams,
-            static=split.static, axes=split.axes, plates=plates, length=length,
+            state, stream, keys, dynamic, stop, hyperparams, np.int32(length),
+            static=split.static, axes=split.axes, plates=plates, length=MAX_CHUNK,
             stable_update=stable_update, forward_mode=forward_mode,
             early_stopping=early_stopping,
         )

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from numpyro_ensemble.engine.hyper import find_nodes
@@ -161,10 +162,23 @@ def apply(rule: EarlyStopping | None, stop: StopState, old_state, new_state, los
     return state, losses, new
 
 
-@partial(jax.jit, static_argnames="num_steps")
 def extra_fields(losses, stop: StopState, num_steps: int) -> dict:
-    """``stopped_at``, ``diverged`` and ``final_loss`` per member after a run (device
-    arrays, sharded like the members: nothing is fetched, so it works on several hosts)."""
+    """``stopped_at``, ``diverged`` and ``final_loss`` per member after a run. On the
+    host (NumPy) where the arrays are, so nothing is compiled per ``num_steps``; on
+    several hosts, device arrays sharded like the members (nothing is fetched)."""
+    arrays = (losses, stop.stopped, stop.taken)
+    if not all(getattr(a, "is_fully_addressable", True) for a in arrays):
+        return _extra_fields(losses, stop, num_steps)
+    losses, stopped, taken = (np.asarray(a) for a in arrays)
+    return {
+        "stopped_at": jax.device_put(np.where(stopped, taken, num_steps)),
+        "diverged": jax.device_put(~np.isfinite(losses).all(axis=1)),
+        "final_loss": jax.device_put(losses[:, -1]),
+    }
+
+
+@partial(jax.jit, static_argnames="num_steps")
+def _extra_fields(losses, stop: StopState, num_steps: int) -> dict:
     return {
         "stopped_at": jnp.where(stop.stopped, stop.taken, num_steps),
         "diverged": jnp.any(~jnp.isfinite(losses), axis=1),

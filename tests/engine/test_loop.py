@@ -160,3 +160,47 @@ def test_clear_compiled_programs_releases_memory_maps_and_keeps_ensembles_usable
         assert maps() < before
     again = ens.run(random.key(0), 5, x, y, progress_bar=False)  # compiles again
     jax.tree.map(np.testing.assert_array_equal, first.params, again.params)
+
+
+def test_runs_of_any_length_share_one_chunk_program(count_compiles, regression_data):
+    # Chunks run a dynamic number of steps in one program: a tail, another num_steps, a
+    # progress bar, early stopping's chunks and checkpoint segments all reuse it.
+    from numpyro_ensemble import EarlyStopping
+
+    x, y = regression_data
+    ens = EnsembleSVI(regression_model, AutoNormal(regression_model), optax.adam(0.01), Trace_ELBO(),
+                      ensemble_size=3)
+    first = ens.run(random.key(0), 100, x, y, progress_bar=False)
+    before = len(count_compiles)
+    for steps, progress_bar in [(90, False), (77, True), (1500, False), (3, True)]:
+        result = ens.run(random.key(0), steps, x, y, progress_bar=progress_bar)
+        assert result.losses.shape == (3, steps) and np.isfinite(np.asarray(result.losses)).all()
+    assert len(count_compiles) == before, "a run of another length compiled something"
+    # The same steps in chunks of 77 and 23 (progress bar) as in one chunk: the same numbers.
+    again = ens.run(random.key(0), 100, x, y, progress_bar=True)
+    np.testing.assert_array_equal(np.asarray(again.losses), np.asarray(first.losses))
+    for name in first.params:
+        np.testing.assert_array_equal(np.asarray(again.params[name]), np.asarray(first.params[name]))
+    # Early stopping: about 20 chunks of one length and a tail; the stopping rule makes a
+    # new step program, compiled once.
+    before = len(count_compiles)
+    stopped = ens.run(random.key(0), 301, x, y, progress_bar=False,
+                      early_stopping=EarlyStopping(patience=5, min_delta=10.0))
+    assert len(count_compiles) == before + 1
+    stopped_at = np.asarray(ens.get_extra_fields()["stopped_at"])
+    assert (stopped_at < 301).all() and stopped.losses.shape == (3, 301)
+    np.testing.assert_array_equal(np.asarray(stopped.losses[:, -1]),
+                                  np.asarray(ens.get_extra_fields()["final_loss"]))
+
+
+def test_chunk_plan_covers_every_step_and_checkpoints_every_segment():
+    from numpyro_ensemble.engine import loop
+
+    for num_steps in (1, 7, 20, 21, 999, 1024, 1025, 5000):
+        for progress_bar in (False, True):
+            lengths = loop.chunk_lengths(num_steps, progress_bar)
+            assert sum(lengths) == num_steps and max(lengths) <= loop.MAX_CHUNK
+            assert len(set(lengths[:-1])) <= 1  # equal chunks and one tail
+    plan = loop.chunk_plan(2500, False, every=1200)
+    assert [n for n, _ in plan] == [1024, 176, 1024, 176, 100]
+    assert [c for _, c in plan] == [False, True, False, True, True]
