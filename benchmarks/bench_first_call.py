@@ -12,9 +12,9 @@ sinc BNN with ``--steps`` steps, through public calls only:
             steps and ``get_params``);
   cached    the same ensemble in a second process with ``enable_compilation_cache``
             (the first process filled the cache); once as is, once with a fixed
-            ``PYTHONHASHSEED`` in both processes: NumPyro's ``Trace_ELBO`` sums its sites
-            in ``set`` order, which Python randomises per process, so without it the
-            step programs differ from process to process and are compiled again;
+            ``PYTHONHASHSEED`` in both processes (NumPyro's ``Trace_ELBO`` sums its
+            sites in ``set`` order, which Python randomises per process; the ensemble
+            adds them by name, so both rows should hit the cache alike);
   again     in the ensemble's process, once compiled: the fixed cost of a whole
             ``run(rng_key, s, ...)`` (init included) beyond its steps, from steady runs
             of ``s`` steps and of one step (best of ``--repeats`` each): a step takes

@@ -53,25 +53,6 @@ _registry: dict = {}
 _registry_lock = threading.Lock()
 
 
-def hashable(value):
-    """``value`` if it is hashable, else its identity: a part of a program key."""
-    try:
-        hash(value)
-    except TypeError:
-        return ("id", id(value))
-    return value
-
-
-def loss_key(loss):
-    """Losses of one type with equal settings compile to the same program."""
-    try:
-        settings = tuple(sorted((k, hyper.program_value(v)) for k, v in vars(loss).items()))
-        hash(settings)
-    except TypeError:
-        return ("id", id(loss))
-    return (type(loss), settings)
-
-
 def programs(ensemble) -> Programs:
     """The compiled programs of ``ensemble``'s configuration (shared with every
     ensemble of the same configuration)."""

@@ -9,7 +9,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from numpyro.handlers import substitute
 from numpyro.infer.svi import SVI, SVIRunResult, SVIState
 
-from numpyro_ensemble.engine import batching, hyper, loop, starts, stopping
+from numpyro_ensemble.engine import batching, hyper, keys, loop, starts, stopping
 from numpyro_ensemble.engine.checkpoint import check_checkpointing, save_checkpoint
 from numpyro_ensemble.engine.checks import (
     check_discrete_sites,
@@ -189,10 +189,10 @@ class EnsembleSVI(SVI):
         return (
             type(self),
             self.model,
-            loop.hashable(self.guide),
-            loop.hashable(self._optim_arg),
-            loop.loss_key(self.loss),
-            loop.hashable(tuple(sorted(self.static_kwargs.items()))),
+            keys.hashable(self.guide),  # set up for the data's shapes: by identity
+            keys.optimizer_key(self._optim_arg),
+            keys.loss_key(self.loss),
+            keys.hashable(tuple(sorted(self.static_kwargs.items()))),
             self.subsample,
             self.members_per_chunk,
             self.mesh,
