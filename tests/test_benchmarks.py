@@ -137,3 +137,19 @@ def test_nuts_warmstart_synthetic_quick(capsys):
     out = capsys.readouterr().out
     assert "the fit included:" in out and "per min ESS" in out
     assert "| synthetic-correlated_regression | 2 | 0 | 0 | 0 | 0 |" in out  # stranded table
+
+
+def test_bench_latency(capsys):
+    # one small model, few steps: every step of the recipe is timed and its compiles counted
+    table = script("bench_latency")["main"](
+        ["--models", "eight_schools", "--steps", "20", "--nuts-draws", "20"])
+    rows = table["eight_schools"]
+    recipe = [r for r in rows["recipe"] if "wall" in r]
+    assert [r["step"] for r in recipe[:5]] == [
+        "EnsembleMAP.run", "laplace_members", "importance_weights", "ensemble_summary",
+        "sample_posterior"]
+    assert all(positive(r["wall"]) and r["compiles"] >= 0 for r in recipe)
+    assert recipe[-1]["compiles"] == 0  # an equal optimizer built again compiles nothing
+    assert positive(rows["svi"][0]["wall"], rows["nuts"][0]["wall"])
+    assert "verdict" in rows["recipe"][-1]["step"]
+    assert "the recipe, in all" in capsys.readouterr().out

@@ -29,7 +29,10 @@ def finite_members(params) -> np.ndarray:
     for leaf in leaves:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             continue
-        ok = np.asarray(jnp.isfinite(jnp.reshape(leaf, (np.shape(leaf)[0], -1))).all(axis=1))
+        if getattr(leaf, "is_fully_addressable", True):  # NumPy on the host: nothing compiled
+            ok = np.isfinite(np.reshape(np.asarray(leaf), (np.shape(leaf)[0], -1))).all(axis=1)
+        else:
+            ok = np.asarray(jnp.isfinite(jnp.reshape(leaf, (np.shape(leaf)[0], -1))).all(axis=1))
         flags = ok if flags is None else flags & ok
     if flags is None:
         return np.ones(np.shape(leaves[0])[0], bool)

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import logsumexp
 from jaxtyping import PRNGKeyArray
 import numpy as np
+from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import substitute
 from numpyro.infer.util import log_density
 
@@ -148,18 +148,20 @@ def importance_weights(
     split = ensemble._split(args, kwargs)
     plates = ensemble._inspect(split).plates
     E, S = ensemble.ensemble_size, num_samples
-    flat = jax.tree.map(lambda v: jnp.reshape(v, (E * S,) + v.shape[2:]), draws)
     # One compiled scoring pass per ensemble and configuration, not one per call.
     programs = ensemble.__dict__.setdefault("_importance_programs", {})
     key = (latent, fixed, split.static, split.axes, plates, S)
     if key not in programs:
         programs[key] = _scoring_program(ensemble, latent, fixed, split, plates, S)
     own_params = model_params(ensemble, safe, args, kwargs)
-    log_p, log_qs = programs[key](safe, own_params, flat, split.dynamic)
-    finite = finite & proper_densities(np.asarray(log_qs), finite, S)
-    log_qs = jnp.where(jnp.asarray(finite)[:, None], log_qs, -jnp.inf)
-    log_q_mix = logsumexp(log_qs, axis=0) - jnp.log(finite.sum())
-    raw = np.asarray(jnp.reshape(log_p - log_q_mix, (E, S)), dtype=np.float64)
+    with validation_enabled(False):  # NumPyro's checks of constants run op by op as it traces
+        found = programs[key](safe, own_params, draws, split.dynamic)
+    log_p, log_qs = (np.asarray(v) for v in found)
+    finite = finite & proper_densities(log_qs, finite, S)
+    log_qs = np.where(finite[:, None], log_qs, -np.inf)
+    with np.errstate(invalid="ignore", divide="ignore"):  # in NumPy: nothing to compile
+        log_q_mix = np.logaddexp.reduce(log_qs, axis=0) - np.log(finite.sum())
+        raw = np.reshape(log_p - log_q_mix, (E, S)).astype(np.float64)
     raw = np.where(finite[:, None] & np.isfinite(raw), raw, -np.inf)
     valid = np.isfinite(raw)
     if not valid.any():
@@ -176,11 +178,11 @@ def importance_weights(
         k = np.inf  # weights the smoothing could not handle are not to be trusted
     log_weights = np.full((E, S), -np.inf)
     log_weights[valid] = smoothed
-    member = np.exp(logsumexp(log_weights, axis=1))
+    member = np.exp(np.logaddexp.reduce(log_weights, axis=1))
     return ImportanceWeights(
         samples={name: draws[name] for name in latent},
-        log_weights=jnp.asarray(log_weights),
-        member_weights=jnp.asarray(member / member.sum()),
+        log_weights=jax.device_put(log_weights),
+        member_weights=jax.device_put(member / member.sum()),
         pareto_k=float(k),
         ess=float(1.0 / np.sum(np.exp(2 * smoothed))),
     )
@@ -193,7 +195,8 @@ def _scoring_program(ensemble, latent, fixed, split, plates, num_samples):
     E, S = ensemble.ensemble_size, num_samples
 
     @jax.jit
-    def score(params, own_params, flat, dynamic):
+    def score(params, own_params, draws, dynamic):
+        flat = jax.tree.map(lambda v: jnp.reshape(v, (E * S,) + v.shape[2:]), draws)
         args, kwargs = merge_args(dynamic, split.static)
         kwargs = {**kwargs, **static_kwargs}
 

@@ -37,6 +37,7 @@ import jax
 from jax import random
 import jax.numpy as jnp
 import numpy as np
+from numpyro.distributions.distribution import validation_enabled
 from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import cholesky_of_inverse
 from numpyro.handlers import substitute
@@ -137,11 +138,9 @@ def laplace_members(ensemble, params: dict, *args, **kwargs) -> tuple:
     starts.set_up(twin, random.key(0), args, kwargs, loop.programs(twin), need_reference=False)
     safe, finite = usable_params(params, "laplace_members")
     own = model_params(ensemble, safe, args, kwargs)
-    loc, precision = _hessians(ensemble, twin, plates, split, safe, own)
-    loc, precision = np.asarray(loc), np.asarray(precision)
-    scale_tril = np.asarray(cholesky_of_inverse(jnp.asarray(precision)))
-    symmetric = 0.5 * (precision + np.swapaxes(precision, -1, -2))
-    eigenvalues = np.asarray(jnp.linalg.eigvalsh(jnp.asarray(symmetric)))  # NaN, not raising
+    with validation_enabled(False):  # NumPyro's checks of constants run op by op as it traces
+        found = _hessians(ensemble, twin, plates, split, safe, own)
+    loc, scale_tril, eigenvalues = (np.asarray(v) for v in found)
     positive = (
         finite
         & np.isfinite(loc).all(axis=1)
@@ -152,8 +151,10 @@ def laplace_members(ensemble, params: dict, *args, **kwargs) -> tuple:
 
 
 def _hessians(ensemble, twin, plates, split, params, own):
-    """Every member's unconstrained point ``(E, D)`` and Hessian of the potential
-    energy there ``(E, D, D)``, in one jitted pass (compiled once per twin and shapes)."""
+    """Every member's unconstrained point ``(E, D)``, the Cholesky factor of the
+    inverse of the potential energy's Hessian there ``(E, D, D)`` and the Hessian's
+    eigenvalues ``(E, D)`` (NaN where it cannot be factored, not an error), in one
+    jitted pass (compiled once per twin and shapes)."""
     programs = twin.__dict__.setdefault("_laplace_programs", {})
     key = (plates, split.axes, split.static)
     if key not in programs:
@@ -190,7 +191,9 @@ def _hessian_program(ensemble, twin, plates, split):
             # approximation is centred at the mode of the unconstrained one (which
             # adds the transform's log-Jacobian), a few L-BFGS steps away.
             u = _mode(potential, u)
-        return u, jax.hessian(potential)(u)
+        precision = jax.hessian(potential)(u)
+        symmetric = 0.5 * (precision + precision.T)
+        return u, cholesky_of_inverse(precision), jnp.linalg.eigvalsh(symmetric)
 
     @jax.jit
     def run(params, own, dynamic):
@@ -279,8 +282,8 @@ def _params(twin, loc, scale_tril, positive, finite, own):
     bad = ~positive[:, None]
     prefix = twin.guide.prefix
     params = {
-        f"{prefix}_loc": jnp.asarray(np.where(bad, np.nan, loc)),
-        f"{prefix}_scale_tril": jnp.asarray(np.where(bad[..., None], np.nan, scale_tril)),
+        f"{prefix}_loc": jax.device_put(np.where(bad, np.nan, loc)),
+        f"{prefix}_scale_tril": jax.device_put(np.where(bad[..., None], np.nan, scale_tril)),
         **own,
     }
     mark_laplace(twin, params[f"{prefix}_loc"])

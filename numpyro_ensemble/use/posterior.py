@@ -14,6 +14,7 @@ import jax
 from jax import random
 from jaxtyping import Array, PRNGKeyArray, PyTree
 import numpyro.distributions as dist
+from numpyro.distributions.distribution import validation_enabled
 from numpyro.handlers import seed, substitute, trace
 from numpyro.infer import Predictive, log_likelihood
 from numpyro.infer.svi import SVIRunResult
@@ -62,17 +63,30 @@ def _is_point(fn) -> bool:
 
 
 def guide_sites(ensemble, params, *args, **kwargs) -> list[GuideSite]:
-    """The guide's sample sites, traced with member 0's params (params must be finite)."""
-    member = jax.tree.map(lambda leaf: leaf[0], params)
+    """The guide's sample sites, traced with member 0's params (params must be finite):
+    abstractly (``jax.eval_shape``: nothing runs, nothing compiles) once the guide is
+    set up, concretely otherwise (a first call sets an AutoGuide up, which must not
+    happen under a trace)."""
     args, kwargs = member_args(args, kwargs, 0)
-    guide_trace = trace(substitute(seed(ensemble.guide, 0), member)).get_trace(
-        *args, **kwargs, **ensemble.static_kwargs
-    )
-    return [
-        GuideSite(name, bool(site["infer"].get("is_auxiliary", False)), _is_point(site["fn"]))
-        for name, site in guide_trace.items()
-        if site["type"] == "sample"
-    ]
+    found = []
+
+    def sites(params, args, kwargs):
+        member = jax.tree.map(lambda leaf: leaf[0], params)
+        guide_trace = trace(substitute(seed(ensemble.guide, 0), member)).get_trace(
+            *args, **kwargs, **ensemble.static_kwargs
+        )
+        found[:] = [
+            GuideSite(name, bool(site["infer"].get("is_auxiliary", False)), _is_point(site["fn"]))
+            for name, site in guide_trace.items()
+            if site["type"] == "sample"
+        ]
+
+    if getattr(ensemble.guide, "prototype_trace", True) is None:
+        sites(params, args, kwargs)
+    else:
+        with validation_enabled(False):  # NumPyro checks concrete values eagerly
+            jax.eval_shape(sites, params, args, kwargs)
+    return list(found)
 
 
 def latent_sites(ensemble, params, *args, **kwargs) -> list[str]:
@@ -95,7 +109,9 @@ def draw_guides(ensemble, rng_key, params, args, kwargs, num_samples, caller, au
         return predictive(key, *args, **kwargs, **ensemble.static_kwargs)
 
     keys = random.split(rng_key, ensemble.ensemble_size)
-    return blank(_map(ensemble, draw, (params, keys), args, kwargs), finite), finite
+    with validation_enabled(False):  # its checks of concrete values run op by op
+        draws = _map(ensemble, draw, (params, keys), args, kwargs)
+    return blank(draws, finite), finite
 
 
 def pointwise_log_likelihoods(ensemble, model, params: dict, draws: dict, args, kwargs):

@@ -10,6 +10,7 @@ takes any of the three as ``weights=``.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 import warnings
 
@@ -94,9 +95,11 @@ def draw_log_weights(weights, ensemble_size: int, num_samples: int) -> np.ndarra
         )
 
 
+@partial(jax.jit, static_argnames="num_draws")
 def resample(rng_key: PRNGKeyArray, draws: dict, log_weights, num_draws: int) -> dict:
     """``num_draws`` draws picked from the ``(E, S, ...)`` draws with probabilities
-    ``exp(log_weights)`` (with replacement): plain, unweighted draws ``(num_draws, ...)``."""
+    ``exp(log_weights)`` (with replacement): plain, unweighted draws ``(num_draws, ...)``
+    (one compiled program per shapes and ``num_draws``)."""
     logits = jnp.ravel(jnp.asarray(log_weights))
     picked = random.categorical(rng_key, logits, shape=(num_draws,))
     return jax.tree.map(lambda leaf: jnp.reshape(leaf, (-1,) + jnp.shape(leaf)[2:])[picked], draws)
