@@ -14,8 +14,11 @@ from numpyro_ensemble.trust.importance import importance_weights
 from numpyro_ensemble.trust.nuts_summary import NUTSSummary, nuts_summary
 from numpyro_ensemble.trust.stacking import stacking_weights
 from numpyro_ensemble.use.arviz_export import to_arviz
+from numpyro_ensemble.use.fitted import laplace_exclusions
 from numpyro_ensemble.use.laplace import laplace_members
+from numpyro_ensemble.use.laplace_guides import AutoLowRankPrecisionNormal, LowRankPrecisionNormal
 from numpyro_ensemble.use.laplace_starts import laplace_init_params
+from numpyro_ensemble.use.linearized import linearized_predictive
 from numpyro_ensemble.use.mcmc import mcmc_init_params
 from numpyro_ensemble.use.nuts_run import WarmNUTSRun
 from numpyro_ensemble.use.posterior import ensemble_predict, ensemble_predictive, sample_posterior
@@ -24,6 +27,7 @@ from numpyro_ensemble.use.warmstart import NUTSWarmStart, nuts_warm_start
 from numpyro_ensemble.use.weights import ImportanceWeights, StackingWeights
 
 __all__ = [
+    "AutoLowRankPrecisionNormal",
     "EarlyStopping",
     "EnsembleMAP",
     "EnsembleSVI",
@@ -32,6 +36,7 @@ __all__ = [
     "ImportanceWeights",
     "NUTSSummary",
     "NUTSWarmStart",
+    "LowRankPrecisionNormal",
     "StackingWeights",
     "TemperedTrace_ELBO",
     "WarmNUTSRun",
@@ -44,8 +49,10 @@ __all__ = [
     "ensemble_predictive",
     "ensemble_svi",
     "importance_weights",
+    "laplace_exclusions",
     "laplace_init_params",
     "laplace_members",
+    "linearized_predictive",
     "load_checkpoint",
     "mcmc_init_params",
     "nuts_summary",

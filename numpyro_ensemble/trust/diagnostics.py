@@ -24,7 +24,13 @@ from numpyro_ensemble.engine.checks import check_key, check_positive_int
 from numpyro_ensemble.engine.health import finite_members, usable_params
 from numpyro_ensemble.fit.svi import check_ensemble
 from numpyro_ensemble.trust.convergence import newton_decrement
-from numpyro_ensemble.trust.importance import UnusableWeights, importance_weights
+from numpyro_ensemble.trust.importance import (
+    UnusableWeights,
+    exclusion_reasons,
+    grouped,
+    importance_weights,
+    no_usable_member,
+)
 from numpyro_ensemble.trust.stacking import stacking_weights
 from numpyro_ensemble.use import laplace
 from numpyro_ensemble.use.fitted import check_params, is_laplace
@@ -160,13 +166,31 @@ def _modes(draws: dict, usable: np.ndarray, point: bool) -> tuple[np.ndarray, np
     return nearest, mode
 
 
-def _verdict(diverged, converged, num_modes, r_hat, pareto_k, weight_kind, weight,
-             unusable="") -> str:
-    """Causes in order: diverged members, members not converged (nothing about their
+def _verdict(
+    diverged,
+    converged,
+    num_modes,
+    r_hat,
+    pareto_k,
+    weight_kind,
+    weight,
+    unusable="",
+    no_laplace=None,
+) -> str:
+    """Causes in order: diverged members and members without a Laplace approximation
+    (``no_laplace``: ``{member: why}``), members not converged (nothing about their
     draws is trusted), then modes, spread and weights among the converged members."""
     parts = []
-    if diverged.any():
-        parts.append(f"members {np.flatnonzero(diverged).tolist()} diverged and are excluded")
+    no_laplace = no_laplace or {}
+    ran_off = diverged.copy()
+    ran_off[list(no_laplace)] = False
+    if ran_off.any():
+        parts.append(f"members {np.flatnonzero(ran_off).tolist()} diverged and are excluded")
+    if no_laplace:
+        parts.append(
+            f"members {sorted(no_laplace)} have no Laplace approximation and are excluded "
+            f"({grouped(no_laplace)})"
+        )
     waiting = np.zeros_like(diverged) if converged is None else ~diverged & ~converged
     if waiting.any():
         parts.append(
@@ -239,6 +263,13 @@ def ensemble_summary(
     posterior sds from the optimum), either beyond twice the noise of the estimate.
     Modes, spread and weights are judged among the converged members only.
 
+    Laplace members without a Laplace approximation are named with the reasons
+    ``laplace_members`` gave. When no member is usable (every member's params are
+    non-finite, e.g. no point has a Laplace approximation) nothing is drawn or
+    weighted: weights, distances, R-hat and ESS are NaN, and the verdict says why and
+    what works instead (the same as the ``verdict`` of
+    :func:`~numpyro_ensemble.importance_weights`).
+
     :param ensemble: a fitted :class:`~numpyro_ensemble.EnsembleSVI` or ``EnsembleMAP``.
     :param jax.random.key rng_key: random number generator seed.
     :param result: ``run(...)``'s :data:`~numpyro.infer.svi.SVIRunResult` (for the
@@ -266,6 +297,8 @@ def ensemble_summary(
     diverged = ~usable
     if losses is not None:
         diverged |= ~np.isfinite(losses).all(axis=1)
+    if not usable.any():
+        return _nothing_usable(ensemble, params, losses, weights, diverged, args, kwargs)
     draw_key, weight_key = jax.random.split(rng_key)
     draws, _ = draw_guides(
         ensemble, draw_key, params, args, kwargs, num_samples, "ensemble_summary"
@@ -287,6 +320,8 @@ def ensemble_summary(
             )
         except UnusableWeights as error:  # a verdict, not an error
             unusable = str(error).removeprefix("importance_weights: ").rstrip(".")
+    if isinstance(weights, ImportanceWeights) and weights.verdict:  # weights of no member
+        unusable = weights.verdict.rstrip(".")
     kind = (
         "importance"
         if unusable or isinstance(weights, ImportanceWeights)
@@ -343,5 +378,52 @@ def ensemble_summary(
         r_hat=r_hat,
         ess=ess,
         pareto_k=float(pareto_k),
-        verdict=_verdict(diverged, converged, num_modes, r_hat, pareto_k, kind, weight, unusable),
+        verdict=_verdict(
+            diverged,
+            converged,
+            num_modes,
+            r_hat,
+            pareto_k,
+            kind,
+            weight,
+            unusable,
+            exclusion_reasons(ensemble, params, usable) if is_laplace(ensemble, params) else None,
+        ),
+    )
+
+
+def _nothing_usable(ensemble, params, losses, weights, diverged, args, kwargs) -> EnsembleSummary:
+    """The summary of an ensemble none of whose members is usable (every member's
+    params are non-finite, e.g. no Laplace approximation at any point): nothing to
+    draw or weight; the losses' trend is still shown, and the verdict says why and
+    what works instead (:func:`~numpyro_ensemble.trust.importance.no_usable_member`)."""
+    E = ensemble.ensemble_size
+    if weights is not None and not (isinstance(weights, ImportanceWeights) and weights.verdict):
+        member_weights_of(weights, E)  # weights given are still checked
+    point = all(site.point for site in guide_sites(ensemble, params, *args, **kwargs))
+    with np.errstate(invalid="ignore", over="ignore"):  # the losses may be inf
+        change, error = (np.full(E, np.nan),) * 2 if losses is None else _trend(losses)
+        nan = np.full(E, np.nan)
+        converged = None if losses is None else _converged(change, error, nan, nan)
+    if isinstance(weights, ImportanceWeights) or (weights is None and not point):
+        kind = "importance"
+    elif isinstance(weights, StackingWeights) or weights is None:
+        kind = "stacking"
+    else:
+        kind = "given"
+    return EnsembleSummary(
+        final_loss=np.full(E, np.nan) if losses is None else losses[:, -1],
+        loss_trend=change,
+        diverged=diverged,
+        converged=converged,
+        to_go=np.full(E, np.nan),
+        weight=np.full(E, np.nan),
+        weight_kind=kind,
+        nearest=np.full(E, np.nan),
+        mode=np.full(E, -1),
+        num_modes=0,
+        r_hat=np.nan,
+        ess=np.nan,
+        pareto_k=np.inf if kind == "importance" else np.nan,
+        verdict=no_usable_member(ensemble, params, np.zeros(E, bool)),
     )

@@ -27,20 +27,66 @@ from numpyro.infer.util import log_density
 
 from numpyro_ensemble.engine.batching import full_data
 from numpyro_ensemble.engine.checks import check_key, check_positive_int, warn
-from numpyro_ensemble.engine.health import usable_params
+from numpyro_ensemble.engine.health import finite_members, usable_params
 from numpyro_ensemble.engine.members import has_per_member, map_members, merge_args
 from numpyro_ensemble.fit.svi import check_ensemble
 from numpyro_ensemble.use import laplace
-from numpyro_ensemble.use.fitted import check_params, model_params
-from numpyro_ensemble.use.posterior import draw_guides, guide_sites
+from numpyro_ensemble.use.fitted import check_params, is_laplace, laplace_exclusions, model_params
+from numpyro_ensemble.use.posterior import blank_draws, draw_guides, guide_sites
 from numpyro_ensemble.use.weights import ImportanceWeights, psis
 
 __all__ = ["importance_weights", "UnusableWeights"]
 
+# Why a member with non-finite params is unusable, when nothing more is known.
+NOT_FINITE = "its params are not finite (the member diverged)"
+NO_LAPLACE = "its Laplace params are not finite (no Laplace approximation at its point)"
+
 
 class UnusableWeights(ValueError):
-    """No draw of any member has a usable importance weight (``ensemble_summary``
-    reports it in its verdict instead of raising)."""
+    """Members are usable but none of their draws has a usable importance weight
+    (e.g. every draw lies where the model's density is 0); the message says which
+    members and why (``ensemble_summary`` reports it in its verdict instead of
+    raising). When no member is usable at all, ``importance_weights`` returns weights
+    with a ``verdict`` instead."""
+
+
+def exclusion_reasons(ensemble, params, finite: np.ndarray) -> dict[int, str]:
+    """``{member: why}`` for the members with non-finite params: the reasons
+    ``laplace_members`` recorded for its Laplace members
+    (:func:`~numpyro_ensemble.use.fitted.laplace_exclusions`), else that the params
+    are not finite."""
+    recorded = laplace_exclusions(ensemble) if is_laplace(ensemble, params) else {}
+    default = NO_LAPLACE if is_laplace(ensemble, params) else NOT_FINITE
+    return {int(e): recorded.get(int(e), default) for e in np.flatnonzero(~finite)}
+
+
+def grouped(reasons: dict[int, str]) -> str:
+    """``{member: why}`` as ``"members [0, 1, 3]: why; members [2]: other why"``, the
+    groups in the order of their first member."""
+    groups: dict[str, list[int]] = {}
+    for member in sorted(reasons):
+        groups.setdefault(reasons[member], []).append(member)
+    return "; ".join(f"members {members}: {why}" for why, members in groups.items())
+
+
+def no_usable_member(ensemble, params, finite: np.ndarray) -> str:
+    """The verdict for an ensemble none of whose members is usable (every member's
+    params are non-finite): which members, why, and what works instead."""
+    why = grouped(exclusion_reasons(ensemble, params, finite))
+    if is_laplace(ensemble, params):
+        return (
+            f"no Laplace approximation exists at these points, so there is nothing to "
+            f"weight or draw ({why}); what works instead: a variational fit, whose guides "
+            "have a density everywhere (EnsembleSVI(model, AutoNormal(model), optim, "
+            "Trace_ELBO(), ensemble_size=E), then importance_weights, or nuts_warm_start "
+            "from it), or NUTS from its default start (MCMC(NUTS(model))); NUTS started at "
+            "these points (mcmc_init_params) can stay stuck: where they put a scale at 0 "
+            "(a funnel's neck) it does not move."
+        )
+    return (
+        f"no member is usable, so there is nothing to weight or draw ({why}); refit "
+        f"with stable_update=True or a smaller step size."
+    )
 
 
 def checked_inputs(ensemble, params, args, kwargs, num_samples, name, per_member_why):
@@ -52,6 +98,8 @@ def checked_inputs(ensemble, params, args, kwargs, num_samples, name, per_member
     check_params(ensemble, params)
     if has_per_member((args, kwargs)):
         raise ValueError(f"{name}: the data differ between members (per_member), {per_member_why}")
+    if not finite_members(params).any():  # nothing to make safe; the sites are traced abstractly
+        return num_samples, params, guide_sites(ensemble, params, *args, **kwargs)
     safe, _ = usable_params(params, name, quiet=True)
     return num_samples, safe, guide_sites(ensemble, safe, *args, **kwargs)
 
@@ -103,6 +151,14 @@ def importance_weights(
     every draw under the model and under every member's guide
     (:math:`E^2 S` guide evaluations).
 
+    When no member is usable (every member's params are NaN, e.g. Laplace members
+    where no point has a Laplace approximation: a hierarchical model's MAP at a
+    scale of 0) the result is a verdict, not an error: NaN member weights, ``-inf``
+    log weights, :math:`\hat k = \infty`, ESS 0, NaN draws, and ``verdict`` saying
+    which members are unusable and why (for Laplace members the reasons
+    ``laplace_members`` gave, grouped) and what works instead; functions given these
+    weights raise an error quoting it.
+
     :param ensemble: a fitted :class:`~numpyro_ensemble.EnsembleSVI`; the guides
         must have a density (not point masses: for an
         :class:`~numpyro_ensemble.EnsembleMAP` use
@@ -113,6 +169,8 @@ def importance_weights(
     :param int num_samples: draws per member, ``S``.
     :param kwargs: the model's keyword arguments.
     :return: :class:`~numpyro_ensemble.ImportanceWeights`.
+    :raises UnusableWeights: when members are usable but none of their draws has a
+        finite weight (the message names the members and why).
     """
     check_ensemble(ensemble, "importance_weights")
     check_key(rng_key)
@@ -133,6 +191,19 @@ def importance_weights(
             f"mass (EnsembleMAP / AutoDelta), which has no density to weight draws with; "
             f"use stacking_weights for point members."
         )
+    E, S = ensemble.ensemble_size, num_samples
+    latent = tuple(s.name for s in sites if not s.auxiliary)
+    usable = finite_members(params)
+    if not usable.any():  # a verdict, not an error: nothing to weight, and why
+        draws = blank_draws(ensemble, params, args, kwargs, S, auxiliary=True)
+        return ImportanceWeights(
+            samples={name: draws[name] for name in latent},
+            log_weights=jax.device_put(np.full((E, S), -np.inf)),
+            member_weights=jax.device_put(np.full(E, np.nan)),
+            pareto_k=float(np.inf),
+            ess=0.0,
+            verdict=no_usable_member(ensemble, params, usable),
+        )
     draws, finite = draw_guides(
         ensemble,
         rng_key,
@@ -143,11 +214,9 @@ def importance_weights(
         "importance_weights",
         auxiliary=True,
     )
-    latent = tuple(s.name for s in sites if not s.auxiliary)
     fixed = frozenset(s.name for s in sites if not s.point)
     split = ensemble._split(args, kwargs)
     plates = ensemble._inspect(split).plates
-    E, S = ensemble.ensemble_size, num_samples
     # One compiled scoring pass per ensemble and configuration, not one per call.
     programs = ensemble.__dict__.setdefault("_importance_programs", {})
     key = (latent, fixed, split.static, split.axes, plates, S)
@@ -157,7 +226,8 @@ def importance_weights(
     with validation_enabled(False):  # NumPyro's checks of constants run op by op as it traces
         found = programs[key](safe, own_params, draws, split.dynamic)
     log_p, log_qs = (np.asarray(v) for v in found)
-    finite = finite & proper_densities(log_qs, finite, S)
+    proper = proper_densities(log_qs, finite, S)
+    finite = finite & proper
     log_qs = np.where(finite[:, None], log_qs, -np.inf)
     with np.errstate(invalid="ignore", divide="ignore"):  # in NumPy: nothing to compile
         log_q_mix = np.logaddexp.reduce(log_qs, axis=0) - np.log(finite.sum())
@@ -166,14 +236,27 @@ def importance_weights(
     valid = np.isfinite(raw)
     if not valid.any():
         raise UnusableWeights(
-            "importance_weights: no draw has a finite log density under the model; "
-            "check the data and the params."
+            "importance_weights: no draw has a finite log density under the model: "
+            + why_no_draw(
+                ensemble,
+                params,
+                usable,
+                proper,
+                np.reshape(log_p, (E, S)),
+                np.reshape(log_q_mix, (E, S)),
+            )
         )
     smoothed, k = psis(raw[valid])
     kept = np.isfinite(smoothed)
     if not kept.all():  # a failed smoothing must not poison the other members' weights
         if not kept.any():
-            raise UnusableWeights("importance_weights: PSIS gave no finite weight.")
+            raise UnusableWeights(
+                f"importance_weights: PSIS smoothing gave no finite weight to any of the "
+                f"{int(valid.sum())} draws with a finite raw log weight (members "
+                f"{np.flatnonzero(valid.any(axis=1)).tolist()}; raw log weights from "
+                f"{raw[valid].min():.4g} to {raw[valid].max():.4g}); use "
+                f"stacking_weights, or more draws (num_samples)."
+            )
         smoothed = np.where(kept, smoothed - np.logaddexp.reduce(smoothed[kept]), -np.inf)
         k = np.inf  # weights the smoothing could not handle are not to be trusted
     log_weights = np.full((E, S), -np.inf)
@@ -185,6 +268,36 @@ def importance_weights(
         member_weights=jax.device_put(member / member.sum()),
         pareto_k=float(k),
         ess=float(1.0 / np.sum(np.exp(2 * smoothed))),
+    )
+
+
+def why_no_draw(ensemble, params, usable, proper, log_p, log_q_mix) -> str:
+    """Which members have no draw with a finite importance weight, and why: params
+    that are not finite (with the Laplace members' recorded reasons), a degenerate
+    guide density, or draws where the model's log density (or the proposal's) is not
+    finite. ``log_p`` and ``log_q_mix`` are ``(E, S)``."""
+    reasons = exclusion_reasons(ensemble, params, usable)
+    for e in np.flatnonzero(usable & ~proper):
+        reasons[int(e)] = "its guide density is NaN or +inf at the draws (a degenerate scale)"
+    for e in np.flatnonzero(usable & proper):
+        if np.isneginf(log_p[e]).all():
+            why = (
+                "the model's log density is -inf at every one of its draws (its guide puts "
+                "its mass where the model has none: outside a support, or a -inf factor)"
+            )
+        elif np.isnan(log_p[e]).all():
+            why = "the model's log density is NaN at every one of its draws"
+        elif not np.isfinite(log_p[e]).any():
+            why = "the model's log density is -inf, +inf or NaN at every one of its draws"
+        else:
+            why = (
+                "the proposal's (the guides' mixture's) log density is not finite at its "
+                "draws where the model's is"
+            )
+        reasons[int(e)] = why
+    return (
+        f"{grouped(reasons)}; check the guides' locations and scales against the "
+        f"model's supports, or weight the members by their predictions (stacking_weights)."
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from numpyro_ensemble.engine.checks import check_param_names, check_params_tree
 from numpyro_ensemble.engine.inspection import inspect_model
 
-__all__: list[str] = []
+__all__ = ["laplace_exclusions"]
 
 
 def check_params(ensemble, params) -> None:
@@ -30,10 +30,21 @@ def model_params(ensemble, params: dict, args, kwargs) -> dict:
     return {name: params[name] for name in names if name in params}
 
 
-def mark_laplace(twin, loc) -> None:
+def mark_laplace(twin, loc, excluded: dict | None = None) -> None:
     """Remembers ``loc``, the Laplace members' ``{prefix}_loc`` that
-    ``laplace_members`` returned with ``twin`` (see :func:`is_laplace`)."""
+    ``laplace_members`` returned with ``twin`` (see :func:`is_laplace`), and why
+    members were left without a Laplace approximation (see :func:`laplace_exclusions`)."""
     twin._laplace_loc = loc
+    twin._laplace_excluded = dict(excluded or {})
+
+
+def laplace_exclusions(ensemble) -> dict[int, str]:
+    """``{member: why}`` for the members the last ``laplace_members`` call that
+    returned ``ensemble`` left without a Laplace approximation (NaN params): e.g.
+    a point that is not finite (the member diverged), a curvature that is not
+    positive definite, or no mode near the member's point; empty for any other
+    ensemble."""
+    return dict(getattr(ensemble, "_laplace_excluded", {}))
 
 
 def is_laplace(ensemble, params: dict) -> bool:

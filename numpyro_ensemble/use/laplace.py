@@ -15,20 +15,38 @@ A MAP point (``EnsembleMAP``, ``AutoDelta``) is the mode of the *constrained*
 density, which lacks the log-Jacobian: where they differ (a scale near zero, as in a
 hierarchical model's MAP) the point is moved to :math:`u_e` by L-BFGS on the
 potential energy first (at most 200 iterations; an ``AutoLaplaceApproximation``
-member's point is :math:`u_e` already).
-The members are returned as an ensemble of ``AutoMultivariateNormal`` members
-(``loc = u_e``, ``scale_tril`` the Cholesky factor of :math:`H_e^{-1}`), which
-every function that uses a fitted ensemble takes as it is: draws, predictions,
-export, MCMC starts, and importance weights with the mixture of the Laplace
-approximations as the proposal (PSIS's :math:`\hat k` says whether it suffices).
-The same params start a variational fit there (a warm start):
+member's point is :math:`u_e` already). Where every latent site is unconstrained
+(a network's weights) the two modes coincide, and beyond the full structure the
+point is taken as it is, as laplace-torch does.
+
+:math:`H_e` is the exact Hessian (``curvature="hessian"``) or the generalized
+Gauss-Newton matrix (``"ggn"``, :mod:`numpyro_ensemble.use.curvature`): the
+likelihood's Fisher through the Jacobian of its parameters plus the prior's Hessian,
+positive definite where a network's Hessian is not. It is kept whole
+(``structure="full"``: ``AutoMultivariateNormal`` members, ``scale_tril`` the
+Cholesky factor of :math:`H_e^{-1}`), as its diagonal (``"diagonal"``:
+``AutoDiagonalNormal``) or as the prior's diagonal plus the top-``rank`` eigenpairs
+of the likelihood term, found by Lanczos on GGN-vector products
+(:mod:`numpyro_ensemble.use.lanczos`; ``"lowrank"``:
+:class:`~numpyro_ensemble.AutoLowRankPrecisionNormal`), which needs memory
+:math:`O(E D k)`, never :math:`D \times D`. No JAX library of these is installable
+here (laplax is not on the registry): they are built on ``jax.linearize`` /
+``jax.linear_transpose`` and ``jax.lax``.
+
+The members are returned as an ensemble of that guide, which every function that
+uses a fitted ensemble takes as it is: draws, predictions, export, MCMC starts, and
+importance weights with the mixture of the Laplace approximations as the proposal
+(PSIS's :math:`\hat k` says whether it suffices). The full structure's params start
+a variational fit there (a warm start):
 ``EnsembleSVI(model, AutoMultivariateNormal(model), ...).run(..., init_params=params)``;
 :func:`~numpyro_ensemble.laplace_init_params` gives the start for ``AutoNormal``,
 ``AutoDiagonalNormal`` and ``AutoLowRankMultivariateNormal`` members.
 
-A member whose Hessian is not positive definite (a saddle, a flat direction) has
-no Laplace approximation: its params are NaN, so it is excluded like a diverged
-member, with a warning naming it.
+A member without a Laplace approximation -- a point that is not finite, a
+curvature that is not positive definite (a saddle, a flat direction), no mode near
+its point (the mode search did not converge and the density still rises: a funnel)
+-- gets NaN params, so it is excluded like a diverged member, with a warning;
+:func:`~numpyro_ensemble.laplace_exclusions` says why for each.
 """
 
 from __future__ import annotations
@@ -37,18 +55,19 @@ import jax
 from jax import random
 import jax.numpy as jnp
 import numpy as np
+from numpyro.distributions import constraints
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import cholesky_of_inverse
 from numpyro.handlers import substitute
 from numpyro.infer import Trace_ELBO
 from numpyro.infer.autoguide import (
+    AutoDiagonalNormal,
     AutoLaplaceApproximation,
     AutoMultivariateNormal,
     _ravel_dict,
 )
 from numpyro.infer.svi import SVIRunResult
-from numpyro.infer.util import potential_energy
 import optax
 
 from numpyro_ensemble.engine import loop, starts
@@ -57,7 +76,21 @@ from numpyro_ensemble.engine.checks import warn
 from numpyro_ensemble.engine.health import usable_params
 from numpyro_ensemble.engine.members import SplitArgs, apply_members, map_members
 from numpyro_ensemble.fit.svi import EnsembleSVI, check_ensemble
+from numpyro_ensemble.use.curvature import (
+    EXACT_DIAGONAL_MAX,
+    Potential,
+    dense_ggn,
+    ggn_likelihood_diagonal,
+    hessian_diagonal,
+    likelihood_sites,
+    linearize_likelihood,
+    prior_diagonal,
+    site_ranges,
+    unsupported_sites,
+)
 from numpyro_ensemble.use.fitted import check_params, mark_laplace, model_params
+from numpyro_ensemble.use.lanczos import top_eigenpairs
+from numpyro_ensemble.use.laplace_guides import AutoLowRankPrecisionNormal
 
 __all__ = ["laplace_members"]
 
@@ -66,17 +99,51 @@ __all__ = ["laplace_members"]
 WARM_START_OPTIM = optax.adam(1e-3)
 # From a MAP point to the mode of the unconstrained density (see _mode).
 MODE_ITERATIONS = 200
+CURVATURES = ("auto", "hessian", "ggn")
+STRUCTURES = ("auto", "full", "diagonal", "lowrank")
+# curvature="auto" takes the GGN above this many latent values (where the model allows)
+GGN_ABOVE = 100
+# structure="auto" is "full" up to this many latent values, "lowrank" above
+FULL_UP_TO = 1000
+# A member whose mode search did not converge has no mode near its point (e.g. a
+# funnel) where its curvature is not positive definite there, or where its Newton
+# decrement g^T P^{-1} g / 2 (the log density a Newton step would still gain) is above
+# this many nats per latent value. (Measured: a 1-32-32-1 network after the search's
+# 200 L-BFGS iterations, 2.7-3.5 nats in all for 1,153 values; centred eight schools'
+# MAP points, tau ~ 1e-8, a curvature that is not positive definite.)
+NO_MODE_DECREMENT = 1.0
+REASONS = {
+    "diverged": "its point is not finite (the member diverged)",
+    "indefinite": "the curvature is not positive definite at its point (a saddle or a flat direction)",
+    "no_mode": (
+        "no mode near its point: the search for the mode of the unconstrained density did "
+        "not converge and the density still rises along some direction (as in a funnel, "
+        "or an improper posterior)"
+    ),
+    "prior": (
+        "the prior's curvature within a site is not diagonal at this dimension, which "
+        "structure='diagonal' / 'lowrank' need (use structure='full')"
+    ),
+}
+_GUIDES = {"full": AutoMultivariateNormal, "diagonal": AutoDiagonalNormal}
 
 
-def _twin(ensemble):
-    """The ensemble's ``AutoMultivariateNormal`` twin (same model, size and layout),
-    made once per ensemble."""
-    twin = getattr(ensemble, "_laplace_twin", None)
-    if twin is None:
+def _twin(ensemble, structure: str = "full", rank: int | None = None):
+    """The ensemble's twin for a structure (same model, size and layout):
+    ``AutoMultivariateNormal`` (full), ``AutoDiagonalNormal`` (diagonal) or
+    :class:`~numpyro_ensemble.AutoLowRankPrecisionNormal` (lowrank, of ``rank``),
+    made once per ensemble and structure."""
+    twins = ensemble.__dict__.setdefault("_laplace_twins", {})
+    key = (structure, rank if structure == "lowrank" else None)
+    if key not in twins:
         prefix = getattr(ensemble.guide, "prefix", "auto")
-        twin = EnsembleSVI(
+        if structure == "lowrank":
+            guide = AutoLowRankPrecisionNormal(ensemble.model, prefix=prefix, rank=rank)
+        else:
+            guide = _GUIDES[structure](ensemble.model, prefix=prefix)
+        twins[key] = EnsembleSVI(
             ensemble.model,
-            AutoMultivariateNormal(ensemble.model, prefix=prefix),
+            guide,
             WARM_START_OPTIM,
             Trace_ELBO(),
             ensemble_size=ensemble.ensemble_size,
@@ -85,22 +152,103 @@ def _twin(ensemble):
             members_per_chunk=ensemble.members_per_chunk,
             **ensemble.static_kwargs,
         )
-        ensemble._laplace_twin = twin
+    return twins[key]
+
+
+def _set_up(twin, args, kwargs):
+    starts.set_up(twin, random.key(0), args, kwargs, loop.programs(twin), need_reference=False)
     return twin
 
 
-def laplace_members(ensemble, params: dict, *args, **kwargs) -> tuple:
+def _check_choices(curvature, structure, rank):
+    if curvature not in CURVATURES:
+        raise ValueError(
+            f"laplace_members: curvature must be one of {CURVATURES}, got {curvature!r}."
+        )
+    if structure not in STRUCTURES:
+        raise ValueError(
+            f"laplace_members: structure must be one of {STRUCTURES}, got {structure!r}."
+        )
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"laplace_members: rank must be a positive integer, got {rank!r}.")
+
+
+def _resolve_choices(curvature, structure, rank, dim, prototype_trace):
+    """The curvature and structure ``"auto"`` stands for, checked against the model
+    (``dim`` its number of latent values) before anything compiles."""
+    unsupported = unsupported_sites(prototype_trace)
+    observed = likelihood_sites(prototype_trace)
+    if curvature == "auto":
+        ggn_ok = bool(observed) and not unsupported
+        large = dim > GGN_ABOVE or structure == "lowrank"
+        curvature = "ggn" if ggn_ok and large else "hessian"
+    elif curvature == "ggn" and (unsupported or not observed):
+        found = ", ".join(f"{site!r} ({fn})" for site, fn in unsupported.items())
+        raise ValueError(
+            "laplace_members: curvature='ggn' needs likelihood sites of a family it knows "
+            "(Normal, Bernoulli, Categorical, Poisson), "
+            + (
+                f"but the model's observed sites {found} are not."
+                if found
+                else "but the model has no observed site."
+            )
+            + " Use curvature='hessian'."
+        )
+    if structure == "auto":
+        if curvature == "hessian":
+            structure = "full" if dim <= EXACT_DIAGONAL_MAX else "diagonal"
+        else:
+            structure = "full" if dim <= FULL_UP_TO else "lowrank"
+    if curvature == "hessian" and structure == "lowrank":
+        raise ValueError(
+            "laplace_members: structure='lowrank' needs curvature='ggn' (the exact Hessian "
+            "of a network's loss is indefinite, so its top eigenpairs make no precision)."
+        )
+    if curvature == "hessian" and dim > EXACT_DIAGONAL_MAX:
+        raise ValueError(
+            f"laplace_members: curvature='hessian' takes one Hessian-vector product per "
+            f"latent value (here {dim}); above {EXACT_DIAGONAL_MAX} use curvature='ggn' "
+            f"with structure='diagonal' or 'lowrank'."
+        )
+    if structure == "lowrank" and rank >= dim:
+        raise ValueError(
+            f"laplace_members: rank must be below the number of latent values ({dim}), "
+            f"got {rank}; use structure='full'."
+        )
+    return curvature, structure
+
+
+def _real_supports(prototype_trace, sites) -> bool:
+    """Whether every latent site is unconstrained (its transform the identity)."""
+    for name in sites:
+        support = prototype_trace[name]["fn"].support
+        while isinstance(support, constraints.independent):
+            support = support.base_constraint
+        if support is not constraints.real:
+            return False
+    return True
+
+
+def laplace_members(
+    ensemble,
+    params: dict,
+    *args,
+    curvature: str = "auto",
+    structure: str = "auto",
+    rank: int = 20,
+    **kwargs,
+) -> tuple:
     """
     The Laplace approximation around every member's point, as an ensemble of
-    ``AutoMultivariateNormal`` members (see :mod:`numpyro_ensemble.use.laplace`).
+    Gaussian members (see :mod:`numpyro_ensemble.use.laplace`).
 
     The points are the members' medians: the MAP points of an
     :class:`~numpyro_ensemble.EnsembleMAP` (or an ``AutoDelta`` ensemble), the modes
     of an ``AutoLaplaceApproximation`` ensemble (whose draws everywhere come from
-    these Laplace members), or the medians of another guide. Hessians are taken
+    these Laplace members), or the medians of another guide. The curvature is taken
     per member at the mode of the unconstrained density nearest its point (see
-    :mod:`numpyro_ensemble.use.laplace`), on the full data and
-    with the member's own values of the model's ``numpyro.param`` sites.
+    :mod:`numpyro_ensemble.use.laplace`), on the full data and with the member's own
+    values of the model's ``numpyro.param`` sites.
 
     **Example** (a mixture of Laplace approximations from a MAP ensemble, and
     importance weights over it)::
@@ -118,12 +266,30 @@ def laplace_members(ensemble, params: dict, *args, **kwargs) -> tuple:
         :class:`~numpyro_ensemble.EnsembleMAP` whose guide has a ``median``.
     :param dict params: the ensemble's params, e.g. ``run(...).params``.
     :param args: the model's arguments, with the data it was fit to.
+    :param str curvature: ``"hessian"`` (the exact Hessian of the potential energy),
+        ``"ggn"`` (the generalized Gauss-Newton matrix: the likelihood's Fisher pushed
+        through the Jacobian of its parameters, plus the prior's Hessian; positive
+        semi-definite where a network's Hessian is not; for ``Normal``,
+        ``Bernoulli``, ``Categorical`` and ``Poisson`` likelihoods) or ``"auto"``:
+        the GGN above 100 latent values (or for ``"lowrank"``) where the likelihood
+        allows it, else the Hessian.
+    :param str structure: ``"full"`` (a dense precision, ``AutoMultivariateNormal``
+        members), ``"diagonal"`` (its diagonal, ``AutoDiagonalNormal``), ``"lowrank"``
+        (the prior's diagonal plus the top ``rank`` eigenpairs of the GGN's
+        likelihood term by Lanczos, never a ``D x D`` array,
+        :class:`~numpyro_ensemble.AutoLowRankPrecisionNormal`) or ``"auto"``: full up
+        to 1000 latent values, above that low-rank (GGN) or diagonal (Hessian).
+    :param int rank: the rank of ``"lowrank"``.
     :param kwargs: the model's keyword arguments.
     :return: ``(laplace, laplace_params)``: an :class:`~numpyro_ensemble.EnsembleSVI`
-        with an ``AutoMultivariateNormal`` guide (set up, ready for
+        with the structure's guide (set up, ready for
         :func:`~numpyro_ensemble.sample_posterior` and the other functions, or for
         ``run(..., init_params=laplace_params)``) and its params: ``{prefix}_loc``
-        ``(E, D)``, ``{prefix}_scale_tril`` ``(E, D, D)`` and the model's own params.
+        ``(E, D)`` and ``{prefix}_scale_tril`` ``(E, D, D)`` (full),
+        ``{prefix}_scale`` ``(E, D)`` (diagonal) or ``{prefix}_prec_factor``
+        ``(E, D, rank)`` and ``{prefix}_prec_diag`` ``(E, D)`` (lowrank), with the
+        model's own params. Members without a Laplace approximation have NaN params;
+        :func:`~numpyro_ensemble.laplace_exclusions` says why.
     """
     check_ensemble(ensemble, "laplace_members")
     check_params(ensemble, params)
@@ -132,68 +298,104 @@ def laplace_members(ensemble, params: dict, *args, **kwargs) -> tuple:
             f"laplace_members needs a guide with a median (an AutoGuide such as AutoDelta or "
             f"AutoLaplaceApproximation), got {type(ensemble.guide).__name__}."
         )
-    twin = _twin(ensemble)
+    _check_choices(curvature, structure, rank)
     split = ensemble._split(args, kwargs)
-    plates = ensemble._inspect(split).plates
-    starts.set_up(twin, random.key(0), args, kwargs, loop.programs(twin), need_reference=False)
+    info = ensemble._inspect(split)
+    # the twin to set up first: the likely result, or the diagonal one (cheap at any D)
+    guess = structure
+    if guess == "auto":
+        small = info.error is None and info.size <= FULL_UP_TO
+        guess = "full" if small else "diagonal"
+    layout = _set_up(_twin(ensemble, guess, rank), args, kwargs)
+    dim = layout.guide.latent_dim
+    curvature, structure = _resolve_choices(
+        curvature, structure, rank, dim, layout.guide.prototype_trace
+    )
+    twin = layout if structure == guess else _set_up(_twin(ensemble, structure, rank), args, kwargs)
     safe, finite = usable_params(params, "laplace_members")
     own = model_params(ensemble, safe, args, kwargs)
-    with validation_enabled(False):  # NumPyro's checks of constants run op by op as it traces
-        found = _hessians(ensemble, twin, plates, split, safe, own)
-    loc, scale_tril, eigenvalues = (np.asarray(v) for v in found)
-    positive = (
-        finite
-        & np.isfinite(loc).all(axis=1)
-        & (eigenvalues > 0).all(axis=1)
-        & np.isfinite(scale_tril).all(axis=(1, 2))
-    )
-    return twin, _params(twin, loc, scale_tril, positive, finite, own)
-
-
-def _hessians(ensemble, twin, plates, split, params, own):
-    """Every member's unconstrained point ``(E, D)``, the Cholesky factor of the
-    inverse of the potential energy's Hessian there ``(E, D, D)`` and the Hessian's
-    eigenvalues ``(E, D)`` (NaN where it cannot be factored, not an error), in one
-    jitted pass (compiled once per twin and shapes)."""
     programs = twin.__dict__.setdefault("_laplace_programs", {})
-    key = (plates, split.axes, split.static)
+    key = (info.plates, split.axes, split.static, curvature, structure)
     if key not in programs:
-        programs[key] = _hessian_program(ensemble, twin, plates, split)
-    return programs[key](params, own, split.dynamic)
+        programs[key] = _program(ensemble, twin, info.plates, split, curvature, structure)
+    with validation_enabled(False):  # NumPyro's checks of constants run op by op as it traces
+        found = programs[key](safe, own, split.dynamic)
+    loc, factors, positive, decrement, converged, exact = jax.tree.map(np.asarray, found)
+    reasons = _reasons(loc, positive, decrement, converged, exact, finite)
+    return twin, _params(twin, structure, loc, factors, reasons, own)
 
 
-def _hessian_program(ensemble, twin, plates, split):
+def _program(ensemble, twin, plates, split, curvature, structure):
+    """One jitted pass over the members: each member's unconstrained point, its
+    precision's factors for ``structure``, whether they are usable (positive
+    definite), the Newton decrement there, whether the mode search converged and
+    whether the prior's diagonal is exact (see ``prior_diagonal``)."""
     model = full_data(ensemble.model, plates)
     guide, layout = ensemble.guide, twin.guide
     static_kwargs = ensemble.static_kwargs
     sites = layout._init_locs
+    trace = layout.prototype_trace
+    observed = likelihood_sites(trace)
+    ranges = site_ranges(layout)
+    laplace_guide = isinstance(guide, AutoLaplaceApproximation)
+    # The search moves a MAP point (the mode of the constrained density) to the mode of
+    # the unconstrained one; they coincide where every support is the real line, and
+    # beyond the full structure's size the search is skipped there.
+    search = not laplace_guide and (structure == "full" or not _real_supports(trace, sites))
+    rank = getattr(layout, "rank", None)
 
     def member(m, args, kwargs):
         member_params, member_own = m
         kwargs = {**kwargs, **static_kwargs}
-        if isinstance(guide, AutoLaplaceApproximation):
+        if laplace_guide:
             u = member_params[f"{guide.prefix}_loc"]
         else:  # the member's point, constrained, sent to the unconstrained space
             point = guide.median(member_params)
             u, _ = _ravel_dict(  # in the layout of the guide's latent vector
-                {
-                    name: biject_to(layout.prototype_trace[name]["fn"].support).inv(point[name])
-                    for name in sites
-                }
+                {name: biject_to(trace[name]["fn"].support).inv(point[name]) for name in sites}
             )
-        at = substitute(model, data=member_own)
-
-        def potential(z):
-            return potential_energy(at, args, kwargs, layout._unpack_latent(z))
-
-        if not isinstance(guide, AutoLaplaceApproximation):
-            # A MAP point is the mode of the constrained density; the Laplace
-            # approximation is centred at the mode of the unconstrained one (which
-            # adds the transform's log-Jacobian), a few L-BFGS steps away.
-            u = _mode(potential, u)
-        precision = jax.hessian(potential)(u)
-        symmetric = 0.5 * (precision + precision.T)
-        return u, cholesky_of_inverse(precision), jnp.linalg.eigvalsh(symmetric)
+        potential = Potential(
+            substitute(model, data=member_own), args, kwargs, layout._unpack_latent, observed
+        )
+        converged = jnp.array(True)
+        if search:
+            u, converged = _mode(potential, u)
+        grad = jax.grad(potential)(u)
+        if structure == "full":
+            if curvature == "hessian":
+                precision = jax.hessian(potential)(u)
+            else:
+                precision = dense_ggn(potential, u)
+            scale_tril = cholesky_of_inverse(precision)
+            eigenvalues = jnp.linalg.eigvalsh(0.5 * (precision + precision.T))
+            positive = (eigenvalues > 0).all() & jnp.isfinite(scale_tril).all()
+            solved = scale_tril.T @ grad
+            decrement = 0.5 * jnp.vdot(solved, solved)
+            return u, (scale_tril,), positive, decrement, converged, jnp.array(True)
+        if structure == "diagonal":
+            if curvature == "hessian":
+                diagonal, exact = hessian_diagonal(potential, u), jnp.array(True)
+            else:
+                prior, exact = prior_diagonal(potential, u, ranges)
+                diagonal = ggn_likelihood_diagonal(potential, u) + prior
+            positive = (diagonal > 0).all() & exact
+            safe = jnp.where(diagonal > 0, diagonal, 1.0)
+            decrement = 0.5 * jnp.sum(grad**2 / safe)
+            return u, (jax.lax.rsqrt(safe),), positive, decrement, converged, exact
+        # lowrank: precision diag(prior) + W W^T, W from the likelihood GGN's top pairs
+        lin = linearize_likelihood(potential, u)
+        values, vectors = top_eigenpairs(lin.matvec, u.shape[0], rank, dtype=u.dtype)
+        prec_factor = vectors * jnp.sqrt(jnp.maximum(values, 0.0))
+        prec_diag, exact = prior_diagonal(potential, u, ranges)
+        positive = (prec_diag > 0).all() & exact & jnp.isfinite(prec_factor).all()
+        safe = jnp.where(prec_diag > 0, prec_diag, 1.0)
+        # Woodbury: P^{-1} g = D^{-1} g - D^{-1} W (I + W^T D^{-1} W)^{-1} W^T D^{-1} g
+        dg = grad / safe
+        wd = prec_factor.T / safe
+        inner = jnp.eye(rank, dtype=u.dtype) + wd @ prec_factor
+        solved = dg - wd.T @ jnp.linalg.solve(inner, prec_factor.T @ dg)
+        decrement = 0.5 * jnp.vdot(grad, solved)
+        return u, (prec_factor, safe), positive, decrement, converged, exact
 
     @jax.jit
     def run(params, own, dynamic):
@@ -210,7 +412,8 @@ def _hessian_program(ensemble, twin, plates, split):
 
 def _mode(fn, u, max_iterations: int = MODE_ITERATIONS):
     """L-BFGS (optax's, zoom linesearch) on ``fn`` from ``u`` until the gradient's norm
-    is below ``sqrt(eps) (1 + |fn|)`` (the float type's ``eps``) or ``max_iterations``."""
+    is below ``sqrt(eps) (1 + |fn|)`` (the float type's ``eps``) or ``max_iterations``;
+    the point and whether it stopped before ``max_iterations`` at a finite value."""
     optimizer = optax.lbfgs()
     tolerance = float(np.sqrt(np.finfo(u.dtype).eps))
     value_and_grad = optax.value_and_grad_from_state(fn)
@@ -218,9 +421,7 @@ def _mode(fn, u, max_iterations: int = MODE_ITERATIONS):
     def step(carry):
         z, state = carry
         value, grad = value_and_grad(z, state=state)
-        updates, state = optimizer.update(
-            grad, state, z, value=value, grad=grad, value_fn=fn
-        )
+        updates, state = optimizer.update(grad, state, z, value=value, grad=grad, value_fn=fn)
         return optax.apply_updates(z, updates), state
 
     def moving(carry):
@@ -231,8 +432,10 @@ def _mode(fn, u, max_iterations: int = MODE_ITERATIONS):
         small = optax.tree.norm(grad) <= tolerance * (1.0 + jnp.abs(value))
         return (count == 0) | ((count < max_iterations) & ~small & jnp.isfinite(value))
 
-    z, _ = jax.lax.while_loop(moving, step, (u, optimizer.init(u)))
-    return z
+    z, state = jax.lax.while_loop(moving, step, (u, optimizer.init(u)))
+    count = optax.tree.get(state, "count")
+    value = optax.tree.get(state, "value")
+    return z, (count < max_iterations) & jnp.isfinite(value) & jnp.isfinite(z).all()
 
 
 def resolve(ensemble, params, args, kwargs, with_data: bool = True):
@@ -244,14 +447,15 @@ def resolve(ensemble, params, args, kwargs, with_data: bool = True):
     if not isinstance(ensemble.guide, AutoLaplaceApproximation):
         return ensemble, params
     if with_data:
-        return laplace_members(ensemble, params, *args, **kwargs)
+        return laplace_members(
+            ensemble, params, *args, curvature="hessian", structure="full", **kwargs
+        )
     return _from_guide(ensemble, params, args, kwargs)
 
 
 def _from_guide(ensemble, params, args, kwargs):
     check_params(ensemble, params)
-    twin = _twin(ensemble)
-    starts.set_up(twin, random.key(0), args, kwargs, loop.programs(twin), need_reference=False)
+    twin = _set_up(_twin(ensemble), args, kwargs)
     safe, finite = usable_params(params, "ensemble_predictive")
     programs = twin.__dict__.setdefault("_laplace_programs", {})
     if "guide" not in programs:
@@ -264,29 +468,59 @@ def _from_guide(ensemble, params, args, kwargs):
         programs["guide"] = jax.jit(lambda p: map_members(member, p))
     loc, scale_tril = (np.asarray(v) for v in programs["guide"](safe))
     # NumPyro turns the factor of a Hessian that is not positive definite into zeros
-    positive = finite & (np.abs(np.diagonal(scale_tril, axis1=1, axis2=2)) > 0).all(axis=1)
+    positive = (np.abs(np.diagonal(scale_tril, axis1=1, axis2=2)) > 0).all(axis=1)
+    ones = np.ones_like(finite)
+    reasons = _reasons(loc, positive, np.zeros(finite.shape), ones, ones, finite)
     own = model_params(ensemble, safe, args, kwargs)
-    return twin, _params(twin, loc, scale_tril, positive, finite, own)
+    return twin, _params(twin, "full", loc, (scale_tril,), reasons, own)
 
 
-def _params(twin, loc, scale_tril, positive, finite, own):
+def _reasons(loc, positive, decrement, converged, exact, finite) -> dict[int, str]:
+    """``{member: why}`` for the members without a Laplace approximation."""
+    reasons = {}
+    for e in range(finite.size):
+        if not finite[e]:
+            reasons[e] = REASONS["diverged"]
+        elif not np.isfinite(loc[e]).all() or (
+            not converged[e]
+            and (not positive[e] or not decrement[e] <= NO_MODE_DECREMENT * loc.shape[1])
+        ):
+            reasons[e] = REASONS["no_mode"]
+        elif not exact[e]:
+            reasons[e] = REASONS["prior"]
+        elif not positive[e]:
+            reasons[e] = REASONS["indefinite"]
+    return reasons
+
+
+_NAMES = {
+    "full": ("loc", "scale_tril"),
+    "diagonal": ("loc", "scale"),
+    "lowrank": ("loc", "prec_factor", "prec_diag"),
+}
+
+
+def _params(twin, structure, loc, factors, reasons, own):
     """The twin's params; members without a Laplace approximation NaN, with a warning."""
-    flagged = np.flatnonzero(finite & ~positive).tolist()
-    if flagged:
+    flagged = {}
+    for e, why in reasons.items():
+        if why != REASONS["diverged"]:
+            flagged.setdefault(why, []).append(e)
+    for why, members in flagged.items():
         warn(
-            f"laplace_members: members {flagged} of {finite.size} have a Hessian that is not "
-            f"positive definite at their point (a saddle or a flat direction), so no Laplace "
-            f"approximation: they are excluded (NaN params, weight 0).",
+            f"laplace_members: members {members} of {loc.shape[0]} have no Laplace "
+            f"approximation: {why}. They are excluded (NaN params, weight 0).",
             RuntimeWarning,
         )
-    bad = ~positive[:, None]
+    bad = np.zeros(loc.shape[0], bool)
+    bad[list(reasons)] = True
     prefix = twin.guide.prefix
-    params = {
-        f"{prefix}_loc": jax.device_put(np.where(bad, np.nan, loc)),
-        f"{prefix}_scale_tril": jax.device_put(np.where(bad[..., None], np.nan, scale_tril)),
-        **own,
-    }
-    mark_laplace(twin, params[f"{prefix}_loc"])
+    params = {}
+    for name, value in zip(_NAMES[structure], (loc, *factors), strict=True):
+        mask = bad.reshape((-1,) + (1,) * (value.ndim - 1))
+        params[f"{prefix}_{name}"] = jax.device_put(np.where(mask, np.nan, value))
+    params.update(own)
+    mark_laplace(twin, params[f"{prefix}_loc"], reasons)
     return params
 
 

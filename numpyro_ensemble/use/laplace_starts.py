@@ -75,9 +75,9 @@ def laplace_init_params(laplace, laplace_params: dict, guide) -> dict:
     twin = laplace.guide
     if not isinstance(twin, AutoMultivariateNormal) or twin.prototype_trace is None:
         raise TypeError(
-            "laplace_init_params: laplace must be the ensemble laplace_members returned "
-            f"(an AutoMultivariateNormal ensemble, set up), got one with "
-            f"{type(twin).__name__}."
+            "laplace_init_params: laplace must be the ensemble laplace_members(..., "
+            "structure='full') returned (an AutoMultivariateNormal ensemble, set up), got "
+            f"one with {type(twin).__name__}."
         )
     if not isinstance(guide, GUIDES):
         raise TypeError(

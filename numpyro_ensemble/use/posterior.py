@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 from jax import random
+import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray, PyTree
 import numpyro.distributions as dist
 from numpyro.distributions.distribution import validation_enabled
@@ -98,6 +99,34 @@ def draw_guides(ensemble, rng_key, params, args, kwargs, num_samples, caller, au
     """``num_samples`` draws of every member's guide, ``(E, S, ...)``, and the ``(E,)``
     mask of usable members (members with non-finite params get NaN draws)."""
     params, finite = usable_params(params, caller)
+    draw = _guide_draw(ensemble, params, args, kwargs, num_samples, auxiliary)
+    keys = random.split(rng_key, ensemble.ensemble_size)
+    with validation_enabled(False):  # its checks of concrete values run op by op
+        draws = _map(ensemble, draw, (params, keys), args, kwargs)
+    return blank(draws, finite), finite
+
+
+def blank_draws(ensemble, params, args, kwargs, num_samples, auxiliary=False) -> dict:
+    """NaN draws ``(E, S, ...)`` of the sites and shapes :func:`draw_guides` gives, for an
+    ensemble none of whose members is usable (nothing runs: the shapes come from
+    ``jax.eval_shape``; non-floating sites are 0)."""
+    draw = _guide_draw(ensemble, params, args, kwargs, num_samples, auxiliary)
+    keys = random.split(random.key(0), ensemble.ensemble_size)
+    with validation_enabled(False):
+        shapes = jax.eval_shape(
+            lambda p, k: _map(ensemble, draw, (p, k), args, kwargs), params, keys
+        )
+    return jax.tree.map(
+        lambda s: jnp.full(
+            s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.inexact) else 0, s.dtype
+        ),
+        shapes,
+    )
+
+
+def _guide_draw(ensemble, params, args, kwargs, num_samples, auxiliary):
+    """One member's ``num_samples`` guide draws of the guide's sites (auxiliary ones
+    with ``auxiliary``), as :func:`_map` calls it."""
     sites = guide_sites(ensemble, params, *args, **kwargs)
     names = [s.name for s in sites if auxiliary or not s.auxiliary]
 
@@ -108,10 +137,7 @@ def draw_guides(ensemble, rng_key, params, args, kwargs, num_samples, caller, au
         )
         return predictive(key, *args, **kwargs, **ensemble.static_kwargs)
 
-    keys = random.split(rng_key, ensemble.ensemble_size)
-    with validation_enabled(False):  # its checks of concrete values run op by op
-        draws = _map(ensemble, draw, (params, keys), args, kwargs)
-    return blank(draws, finite), finite
+    return draw
 
 
 def pointwise_log_likelihoods(ensemble, model, params: dict, draws: dict, args, kwargs):
@@ -282,12 +308,11 @@ def ensemble_predictive(
                 "ensemble_predictive: weights pool the members' draws, but the data "
                 "differ between members (per_member); predict each data set separately."
             )
+        member_weights_of(weights, ensemble.ensemble_size)
         if own_params:  # the model's params differ by member: predict, then resample
             if isinstance(weights, ImportanceWeights):
                 posterior_samples = weights.samples
                 num_samples = next(iter(jax.tree.leaves(posterior_samples))).shape[1]
-            else:
-                member_weights_of(weights, ensemble.ensemble_size)
             predicted = ensemble_predictive(
                 ensemble, rng_key, params, *args, num_samples=num_samples,
                 return_sites=return_sites, posterior_samples=posterior_samples,

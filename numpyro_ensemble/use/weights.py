@@ -34,12 +34,18 @@ class ImportanceWeights(NamedTuple):
     """Pareto-smoothed log weights, normalised over all ``E * S`` draws (``-inf`` for
     excluded members)."""
     member_weights: Float[Array, " E"]
-    """Each member's share of the weight; sums to 1."""
+    """Each member's share of the weight; sums to 1 (NaN when no member is usable)."""
     pareto_k: float
     r"""Pareto :math:`\hat k` of the raw weights: below 0.7 the weighted draws can be
     trusted, above it the ensemble misses posterior mass."""
     ess: float
     """Effective sample size of the weighted draws, :math:`1 / \\sum w^2`."""
+    verdict: str = ""
+    """Empty for usable weights. When no member is usable (every member's params are
+    NaN, e.g. no member has a Laplace approximation) the weights are NaN, the log
+    weights ``-inf``, :math:`\\hat k = \\infty` and the ESS 0, and this says which
+    members are unusable, why, and what to use instead; every function that takes
+    ``weights=`` raises a ``ValueError`` quoting it."""
 
 
 class StackingWeights(NamedTuple):
@@ -57,7 +63,19 @@ class StackingWeights(NamedTuple):
 
 
 def member_weights_of(weights, ensemble_size: int, name: str = "weights") -> np.ndarray:
-    """The ``(E,)`` member weights of ``weights`` (an array or either result), checked."""
+    """The ``(E,)`` member weights of ``weights`` (an array or either result), checked.
+
+    :param weights: an ``(E,)`` array, an :class:`ImportanceWeights` or a
+        :class:`StackingWeights`.
+    :param int ensemble_size: ``E``.
+    :param str name: the argument's name, for the errors.
+    :return: the member weights, float64, finite, ``>= 0`` and summing to 1.
+    :raises ValueError: for importance weights with a ``verdict`` (no member was
+        usable), quoting it; for weights of the wrong shape, not finite, negative or
+        not summing to 1.
+    """
+    if isinstance(weights, ImportanceWeights) and weights.verdict:
+        raise ValueError(f"{name}: these importance weights are unusable: {weights.verdict}")
     if isinstance(weights, (ImportanceWeights, StackingWeights)):
         weights = weights.member_weights
     if isinstance(weights, (str, bytes, dict)):

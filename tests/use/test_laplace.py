@@ -25,6 +25,7 @@ from numpyro_ensemble import (
     ensemble_predictive,
     ensemble_summary,
     importance_weights,
+    laplace_exclusions,
     laplace_init_params,
     laplace_members,
     mcmc_init_params,
@@ -33,6 +34,7 @@ from numpyro_ensemble import (
     take_member,
     to_arviz,
 )
+from numpyro_ensemble.use.laplace import REASONS
 
 X = jnp.linspace(4.0, 6.0, 30)  # off-centre inputs: intercept and slope correlate at -0.99
 Y = 1.0 + 0.5 * X + 0.3 * random.normal(random.key(0), (30,))
@@ -129,9 +131,10 @@ def two_modes():
 def test_a_member_whose_hessian_is_not_positive_definite_is_flagged_and_excluded():
     ens = EnsembleMAP(two_modes, optax.adam(0.01), ensemble_size=3)
     params = ens.get_params(ens.init(random.key(0), init_params={"x": jnp.array([-3.0, 0.0, 3.0])}))
-    with pytest.warns(RuntimeWarning, match=r"members \[1\] of 3 have a Hessian that is not "
-                                            r"positive definite"):
+    with pytest.warns(RuntimeWarning, match=r"members \[1\] of 3 have no Laplace approximation: "
+                                            r"the curvature is not positive definite"):
         laplace, laplace_params = laplace_members(ens, params)
+    assert laplace_exclusions(laplace) == {1: REASONS["indefinite"]}
     assert np.isnan(np.asarray(laplace_params["auto_loc"][1])).all()
     np.testing.assert_allclose(np.asarray(laplace_params["auto_loc"])[[0, 2], 0], [-3.0, 3.0], atol=1e-2)
     with warnings.catch_warnings():
@@ -272,7 +275,7 @@ def test_laplace_init_params_start_each_guide_family_at_its_closest_gaussian():
     for name in ("auto_loc", "auto_scale_tril"):
         np.testing.assert_allclose(mvn[name], laplace_params[name], rtol=1e-5, atol=1e-7)
 
-    with pytest.raises(TypeError, match="laplace must be the ensemble laplace_members returned"):
+    with pytest.raises(TypeError, match=r"laplace must be the ensemble laplace_members\(..., structure=.full.\) returned"):
         laplace_init_params(ens, laplace_params, AutoNormal(gaussian_and_scale))
     with pytest.raises(ValueError, match="guide is of another model"):
         laplace_init_params(laplace, laplace_params, AutoNormal(regression))
