@@ -14,7 +14,7 @@ from numpyro_ensemble.trust.importance import importance_weights
 from numpyro_ensemble.trust.nuts_summary import NUTSSummary, nuts_summary
 from numpyro_ensemble.trust.stacking import stacking_weights
 from numpyro_ensemble.use.arviz_export import to_arviz
-from numpyro_ensemble.use.fitted import laplace_exclusions
+from numpyro_ensemble.use.fitted import laplace_exclusions, laplace_prior_precision
 from numpyro_ensemble.use.laplace import laplace_members
 from numpyro_ensemble.use.laplace_guides import AutoLowRankPrecisionNormal, LowRankPrecisionNormal
 from numpyro_ensemble.use.laplace_starts import laplace_init_params
@@ -52,6 +52,7 @@ __all__ = [
     "laplace_exclusions",
     "laplace_init_params",
     "laplace_members",
+    "laplace_prior_precision",
     "linearized_predictive",
     "load_checkpoint",
     "mcmc_init_params",

@@ -153,3 +153,16 @@ def test_bench_latency(capsys):
     assert positive(rows["svi"][0]["wall"], rows["nuts"][0]["wall"])
     assert "verdict" in rows["recipe"][-1]["step"]
     assert "the recipe, in all" in capsys.readouterr().out
+
+
+def test_laplace_sinc(capsys):
+    rows = script("laplace_sinc")["main"](
+        ["--ensemble-size", "2", "--steps", "5", "--num-samples", "4", "--rank", "3",
+         "--structures", "diagonal", "lowrank"]
+    )
+    names = [r["method"] for r in rows]
+    assert names[:2] == ["oracle (true f, known sigma)", "deep ensemble (MAP points)"]
+    assert len(rows) == 2 + 2 * 2 * 2  # structures x priors x predictives
+    assert all(math.isfinite(r["nll"]) and 0 <= r["coverage95"] <= 1 for r in rows)
+    assert rows[0]["rmse_truth"] == 0.0  # the oracle's mean is the true function
+    assert "Laplace lowrank, evidence prior, linearized" in capsys.readouterr().out

@@ -18,7 +18,8 @@ PACKAGE = pathlib.Path(numpyro_ensemble.__file__).resolve().parent
 LAYERS = ("engine", "fit", "use", "trust")
 
 # Every public name of numpyro_ensemble: those before the move into subpackages (issue 22)
-# and the low-rank Laplace guide, laplace_exclusions and linearized_predictive (issue 24).
+# and those of issue 24 (the low-rank Laplace guide, laplace_exclusions,
+# laplace_prior_precision, linearized_predictive).
 PUBLIC_NAMES = [
     "AutoLowRankPrecisionNormal", "LowRankPrecisionNormal",
     "EarlyStopping", "EnsembleMAP", "EnsembleSVI", "EnsembleSummary", "IdenticalMembersWarning",
@@ -26,6 +27,7 @@ PUBLIC_NAMES = [
     "WarmNUTSRun", "concat_members", "clear_compiled_programs", "enable_compilation_cache",
     "ensemble_summary", "ensemble_map", "ensemble_predict", "ensemble_predictive", "ensemble_svi",
     "importance_weights", "laplace_exclusions", "laplace_init_params", "laplace_members",
+    "laplace_prior_precision",
     "linearized_predictive", "load_checkpoint",
     "mcmc_init_params", "nuts_summary", "nuts_warm_start", "per_member", "sample_posterior",
     "save_checkpoint", "select_members", "stacking_weights", "take_member", "to_arviz",

@@ -1,2 +1,3 @@
 """Using a fit: draws and predictive, ArviZ export, member selection, Laplace
-members, the weight containers, MCMC starts and the NUTS warm start."""
+members and their linearized predictive, the weight containers, MCMC starts and the
+NUTS warm start."""

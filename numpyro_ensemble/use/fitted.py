@@ -7,10 +7,12 @@ Laplace members (``laplace``) and the weights above them all start here.
 
 from __future__ import annotations
 
+import numpy as np
+
 from numpyro_ensemble.engine.checks import check_param_names, check_params_tree
 from numpyro_ensemble.engine.inspection import inspect_model
 
-__all__ = ["laplace_exclusions"]
+__all__ = ["laplace_exclusions", "laplace_prior_precision"]
 
 
 def check_params(ensemble, params) -> None:
@@ -30,12 +32,26 @@ def model_params(ensemble, params: dict, args, kwargs) -> dict:
     return {name: params[name] for name in names if name in params}
 
 
-def mark_laplace(twin, loc, excluded: dict | None = None) -> None:
+def mark_laplace(twin, loc, excluded: dict | None = None, prior_scale=None) -> None:
     """Remembers ``loc``, the Laplace members' ``{prefix}_loc`` that
     ``laplace_members`` returned with ``twin`` (see :func:`is_laplace`), and why
     members were left without a Laplace approximation (see :func:`laplace_exclusions`)."""
     twin._laplace_loc = loc
     twin._laplace_excluded = dict(excluded or {})
+    twin._laplace_prior_scale = None if prior_scale is None else np.asarray(prior_scale)
+
+
+def laplace_prior_precision(ensemble) -> np.ndarray:
+    """The factor ``(E,)`` by which the last ``laplace_members`` call that returned
+    ``ensemble`` scaled each member's prior precision: the maximizer of the member's
+    Laplace evidence with ``prior_precision="evidence"``, 1 with ``"model"``, NaN
+    for a member without a Laplace approximation."""
+    scale = getattr(ensemble, "_laplace_prior_scale", None)
+    if scale is None:
+        raise ValueError(
+            "laplace_prior_precision: ensemble is not one that laplace_members returned."
+        )
+    return scale.copy()
 
 
 def laplace_exclusions(ensemble) -> dict[int, str]:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import jax
 from jax import random
 import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
 import numpy as np
 from numpyro.distributions import constraints
 from numpyro.distributions.distribution import validation_enabled
@@ -88,6 +89,7 @@ from numpyro_ensemble.use.curvature import (
     site_ranges,
     unsupported_sites,
 )
+from numpyro_ensemble.use.evidence import optimal_prior_scale
 from numpyro_ensemble.use.fitted import check_params, mark_laplace, model_params
 from numpyro_ensemble.use.lanczos import top_eigenpairs
 from numpyro_ensemble.use.laplace_guides import AutoLowRankPrecisionNormal
@@ -101,6 +103,7 @@ WARM_START_OPTIM = optax.adam(1e-3)
 MODE_ITERATIONS = 200
 CURVATURES = ("auto", "hessian", "ggn")
 STRUCTURES = ("auto", "full", "diagonal", "lowrank")
+PRIOR_PRECISIONS = ("model", "evidence")
 # curvature="auto" takes the GGN above this many latent values (where the model allows)
 GGN_ABOVE = 100
 # structure="auto" is "full" up to this many latent values, "lowrank" above
@@ -160,7 +163,7 @@ def _set_up(twin, args, kwargs):
     return twin
 
 
-def _check_choices(curvature, structure, rank):
+def _check_choices(curvature, structure, rank, prior_precision):
     if curvature not in CURVATURES:
         raise ValueError(
             f"laplace_members: curvature must be one of {CURVATURES}, got {curvature!r}."
@@ -169,18 +172,28 @@ def _check_choices(curvature, structure, rank):
         raise ValueError(
             f"laplace_members: structure must be one of {STRUCTURES}, got {structure!r}."
         )
+    if prior_precision not in PRIOR_PRECISIONS:
+        raise ValueError(
+            f"laplace_members: prior_precision must be one of {PRIOR_PRECISIONS}, got "
+            f"{prior_precision!r}."
+        )
+    if prior_precision == "evidence" and curvature == "hessian":
+        raise ValueError(
+            "laplace_members: prior_precision='evidence' needs curvature='ggn' (the "
+            "likelihood's curvature must be positive semi-definite)."
+        )
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(f"laplace_members: rank must be a positive integer, got {rank!r}.")
 
 
-def _resolve_choices(curvature, structure, rank, dim, prototype_trace):
+def _resolve_choices(curvature, structure, rank, dim, prototype_trace, prior_precision):
     """The curvature and structure ``"auto"`` stands for, checked against the model
     (``dim`` its number of latent values) before anything compiles."""
     unsupported = unsupported_sites(prototype_trace)
     observed = likelihood_sites(prototype_trace)
     if curvature == "auto":
         ggn_ok = bool(observed) and not unsupported
-        large = dim > GGN_ABOVE or structure == "lowrank"
+        large = dim > GGN_ABOVE or structure == "lowrank" or prior_precision == "evidence"
         curvature = "ggn" if ggn_ok and large else "hessian"
     elif curvature == "ggn" and (unsupported or not observed):
         found = ", ".join(f"{site!r} ({fn})" for site, fn in unsupported.items())
@@ -193,6 +206,17 @@ def _resolve_choices(curvature, structure, rank, dim, prototype_trace):
                 else "but the model has no observed site."
             )
             + " Use curvature='hessian'."
+        )
+    if prior_precision == "evidence" and curvature == "hessian":
+        found = ", ".join(f"{site!r} ({fn})" for site, fn in unsupported.items())
+        raise ValueError(
+            "laplace_members: prior_precision='evidence' needs the GGN, whose likelihood "
+            "families are Normal, Bernoulli, Categorical and Poisson"
+            + (
+                f"; the model's observed sites {found} are not."
+                if found
+                else "; the model has no observed site."
+            )
         )
     if structure == "auto":
         if curvature == "hessian":
@@ -236,6 +260,7 @@ def laplace_members(
     curvature: str = "auto",
     structure: str = "auto",
     rank: int = 20,
+    prior_precision: str = "model",
     **kwargs,
 ) -> tuple:
     """
@@ -280,6 +305,12 @@ def laplace_members(
         :class:`~numpyro_ensemble.AutoLowRankPrecisionNormal`) or ``"auto"``: full up
         to 1000 latent values, above that low-rank (GGN) or diagonal (Hessian).
     :param int rank: the rank of ``"lowrank"``.
+    :param str prior_precision: ``"model"`` (the model's prior as written) or
+        ``"evidence"``: per member, the prior's precision scaled by the factor that
+        maximizes the member's Laplace evidence at its point
+        (:mod:`numpyro_ensemble.use.evidence`; Gaussian priors, the GGN); the
+        factors are :func:`~numpyro_ensemble.laplace_prior_precision`. The points
+        stay the model's MAP points, as in Laplace Redux's post-hoc choice.
     :param kwargs: the model's keyword arguments.
     :return: ``(laplace, laplace_params)``: an :class:`~numpyro_ensemble.EnsembleSVI`
         with the structure's guide (set up, ready for
@@ -298,7 +329,7 @@ def laplace_members(
             f"laplace_members needs a guide with a median (an AutoGuide such as AutoDelta or "
             f"AutoLaplaceApproximation), got {type(ensemble.guide).__name__}."
         )
-    _check_choices(curvature, structure, rank)
+    _check_choices(curvature, structure, rank, prior_precision)
     split = ensemble._split(args, kwargs)
     info = ensemble._inspect(split)
     # the twin to set up first: the likely result, or the diagonal one (cheap at any D)
@@ -306,30 +337,34 @@ def laplace_members(
     if guess == "auto":
         small = info.error is None and info.size <= FULL_UP_TO
         guess = "full" if small else "diagonal"
+    if getattr(ensemble.guide, "prototype_trace", None) is None:  # params from elsewhere
+        _set_up(ensemble, args, kwargs)
     layout = _set_up(_twin(ensemble, guess, rank), args, kwargs)
     dim = layout.guide.latent_dim
     curvature, structure = _resolve_choices(
-        curvature, structure, rank, dim, layout.guide.prototype_trace
+        curvature, structure, rank, dim, layout.guide.prototype_trace, prior_precision
     )
     twin = layout if structure == guess else _set_up(_twin(ensemble, structure, rank), args, kwargs)
     safe, finite = usable_params(params, "laplace_members")
     own = model_params(ensemble, safe, args, kwargs)
     programs = twin.__dict__.setdefault("_laplace_programs", {})
-    key = (info.plates, split.axes, split.static, curvature, structure)
+    evidence = prior_precision == "evidence"
+    key = (info.plates, split.axes, split.static, curvature, structure, evidence)
     if key not in programs:
-        programs[key] = _program(ensemble, twin, info.plates, split, curvature, structure)
+        programs[key] = _program(ensemble, twin, info.plates, split, curvature, structure, evidence)
     with validation_enabled(False):  # NumPyro's checks of constants run op by op as it traces
         found = programs[key](safe, own, split.dynamic)
-    loc, factors, positive, decrement, converged, exact = jax.tree.map(np.asarray, found)
+    loc, factors, positive, decrement, converged, exact, scale = jax.tree.map(np.asarray, found)
     reasons = _reasons(loc, positive, decrement, converged, exact, finite)
-    return twin, _params(twin, structure, loc, factors, reasons, own)
+    return twin, _params(twin, structure, loc, factors, reasons, own, scale)
 
 
-def _program(ensemble, twin, plates, split, curvature, structure):
+def _program(ensemble, twin, plates, split, curvature, structure, evidence):
     """One jitted pass over the members: each member's unconstrained point, its
     precision's factors for ``structure``, whether they are usable (positive
     definite), the Newton decrement there, whether the mode search converged and
-    whether the prior's diagonal is exact (see ``prior_diagonal``)."""
+    whether the prior's diagonal is exact (see ``prior_diagonal``), and the factor of
+    the prior precision (the evidence's optimum, or 1)."""
     model = full_data(ensemble.model, plates)
     guide, layout = ensemble.guide, twin.guide
     static_kwargs = ensemble.static_kwargs
@@ -361,41 +396,58 @@ def _program(ensemble, twin, plates, split, curvature, structure):
         if search:
             u, converged = _mode(potential, u)
         grad = jax.grad(potential)(u)
+        one = jnp.ones((), u.dtype)
         if structure == "full":
             if curvature == "hessian":
-                precision = jax.hessian(potential)(u)
+                precision, scale = jax.hessian(potential)(u), one
             else:
-                precision = dense_ggn(potential, u)
+                prior = jax.hessian(potential.prior)(u)
+                likelihood = dense_ggn(potential, u) - prior
+                scale = _full_scale(prior, likelihood, potential, u) if evidence else one
+                precision = likelihood + scale * prior
+            # The Cholesky factor exists (is finite) exactly where the precision is
+            # positive definite. (No eigvalsh beside it: jaxlib 0.10's batched LAPACK
+            # kernels each wait on the CPU thread pool, and two running at once on
+            # two cores deadlock -- measured here with E = 8 members.)
             scale_tril = cholesky_of_inverse(precision)
-            eigenvalues = jnp.linalg.eigvalsh(0.5 * (precision + precision.T))
-            positive = (eigenvalues > 0).all() & jnp.isfinite(scale_tril).all()
+            positive = jnp.isfinite(scale_tril).all()
             solved = scale_tril.T @ grad
             decrement = 0.5 * jnp.vdot(solved, solved)
-            return u, (scale_tril,), positive, decrement, converged, jnp.array(True)
+            return u, (scale_tril,), positive, decrement, converged, jnp.array(True), scale
         if structure == "diagonal":
             if curvature == "hessian":
-                diagonal, exact = hessian_diagonal(potential, u), jnp.array(True)
+                diagonal, exact, scale = hessian_diagonal(potential, u), jnp.array(True), one
             else:
                 prior, exact = prior_diagonal(potential, u, ranges)
-                diagonal = ggn_likelihood_diagonal(potential, u) + prior
+                likelihood = ggn_likelihood_diagonal(potential, u)
+                scale = one
+                if evidence:
+                    relative = likelihood / jnp.where(prior > 0, prior, 1.0)
+                    scale = optimal_prior_scale(relative, _quadratic(potential, u, prior))
+                diagonal = likelihood + scale * prior
             positive = (diagonal > 0).all() & exact
             safe = jnp.where(diagonal > 0, diagonal, 1.0)
             decrement = 0.5 * jnp.sum(grad**2 / safe)
-            return u, (jax.lax.rsqrt(safe),), positive, decrement, converged, exact
-        # lowrank: precision diag(prior) + W W^T, W from the likelihood GGN's top pairs
+            return u, (jax.lax.rsqrt(safe),), positive, decrement, converged, exact, scale
+        # lowrank: precision c diag(prior) + W W^T, W from the likelihood GGN's top pairs
         lin = linearize_likelihood(potential, u)
         values, vectors = top_eigenpairs(lin.matvec, u.shape[0], rank, dtype=u.dtype)
         prec_factor = vectors * jnp.sqrt(jnp.maximum(values, 0.0))
-        prec_diag, exact = prior_diagonal(potential, u, ranges)
-        positive = (prec_diag > 0).all() & exact & jnp.isfinite(prec_factor).all()
-        safe = jnp.where(prec_diag > 0, prec_diag, 1.0)
+        prior, exact = prior_diagonal(potential, u, ranges)
+        safe = jnp.where(prior > 0, prior, 1.0)
+        scale = one
+        if evidence:  # the nonzero relative eigenvalues: those of W^T D^{-1} W
+            relative = jnp.linalg.eigvalsh(prec_factor.T @ (prec_factor / safe[:, None]))
+            scale = optimal_prior_scale(relative, _quadratic(potential, u, prior))
+        safe = scale * safe
+        positive = (prior > 0).all() & exact & jnp.isfinite(prec_factor).all()
         # Woodbury: P^{-1} g = D^{-1} g - D^{-1} W (I + W^T D^{-1} W)^{-1} W^T D^{-1} g
         dg = grad / safe
         wd = prec_factor.T / safe
         inner = jnp.eye(rank, dtype=u.dtype) + wd @ prec_factor
         solved = dg - wd.T @ jnp.linalg.solve(inner, prec_factor.T @ dg)
         decrement = 0.5 * jnp.vdot(grad, solved)
-        return u, (prec_factor, safe), positive, decrement, converged, exact
+        return u, (prec_factor, safe), positive, decrement, converged, exact, scale
 
     @jax.jit
     def run(params, own, dynamic):
@@ -408,6 +460,22 @@ def _program(ensemble, twin, plates, split, curvature, structure):
         )
 
     return run
+
+
+def _quadratic(potential, u, prior_diagonal):
+    """:math:`g_0^\top P_0^{-1} g_0` for a diagonal prior precision (see
+    :mod:`numpyro_ensemble.use.evidence`)."""
+    g0 = jax.grad(potential.prior)(u)
+    return jnp.sum(g0**2 / jnp.where(prior_diagonal > 0, prior_diagonal, 1.0))
+
+
+def _full_scale(prior, likelihood, potential, u):
+    """The evidence-optimal factor of a dense prior precision ``prior``: the
+    likelihood's eigenvalues relative to it, by its Cholesky factor."""
+    factor = jnp.linalg.cholesky(prior)
+    inner = solve_triangular(factor, solve_triangular(factor, likelihood, lower=True).T, lower=True)
+    g0 = solve_triangular(factor, jax.grad(potential.prior)(u), lower=True)
+    return optimal_prior_scale(jnp.linalg.eigvalsh(0.5 * (inner + inner.T)), jnp.vdot(g0, g0))
 
 
 def _mode(fn, u, max_iterations: int = MODE_ITERATIONS):
@@ -500,7 +568,7 @@ _NAMES = {
 }
 
 
-def _params(twin, structure, loc, factors, reasons, own):
+def _params(twin, structure, loc, factors, reasons, own, prior_scale=None):
     """The twin's params; members without a Laplace approximation NaN, with a warning."""
     flagged = {}
     for e, why in reasons.items():
@@ -520,7 +588,10 @@ def _params(twin, structure, loc, factors, reasons, own):
         mask = bad.reshape((-1,) + (1,) * (value.ndim - 1))
         params[f"{prefix}_{name}"] = jax.device_put(np.where(mask, np.nan, value))
     params.update(own)
-    mark_laplace(twin, params[f"{prefix}_loc"], reasons)
+    if prior_scale is None:
+        prior_scale = np.ones(loc.shape[0])
+    prior_scale = np.where(bad, np.nan, prior_scale)
+    mark_laplace(twin, params[f"{prefix}_loc"], reasons, prior_scale)
     return params
 
 
