@@ -166,3 +166,14 @@ def test_laplace_sinc(capsys):
     assert all(math.isfinite(r["nll"]) and 0 <= r["coverage95"] <= 1 for r in rows)
     assert rows[0]["rmse_truth"] == 0.0  # the oracle's mean is the true function
     assert "Laplace lowrank, evidence prior, linearized" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_laplace_memory(capsys):
+    rows = script("laplace_memory")["main"](
+        ["--widths", "8", "--ensemble-size", "2", "--steps", "3", "--rank", "3"]
+    )
+    assert [r["structure"] for r in rows] == ["lowrank", "diagonal"]
+    assert all(r["weights"] == 8 + 8 + 64 + 8 + 8 + 1 and r["excluded"] == 0 for r in rows)
+    assert all(r["peak_mb"] > 0 and positive(r["fit_s"], r["laplace_s"]) for r in rows)
+    assert "peak/fit" in capsys.readouterr().out

@@ -41,6 +41,9 @@ __all__ = ["EnsembleSummary", "ensemble_summary"]
 
 # Relative tolerance within which two point members count as the same mode.
 _POINT_TOLERANCE = 1e-2
+# Above this many latent values per draw, importance weights with Pareto k >= 0.7 are
+# called not meaningful (a network's weights), not a sign of a poor guide family.
+IMPORTANCE_DIM_MAX = 1000
 
 
 class EnsembleSummary(NamedTuple):
@@ -176,6 +179,7 @@ def _verdict(
     weight,
     unusable="",
     no_laplace=None,
+    dim=0,
 ) -> str:
     """Causes in order: diverged members and members without a Laplace approximation
     (``no_laplace``: ``{member: why}``), members not converged (nothing about their
@@ -225,6 +229,14 @@ def _verdict(
                 "can be trusted if the members have converged (pass run's result to check)"
             )
             parts.append(f"importance-weighted draws {trust} (k {pareto_k:.2f} < 0.7)")
+        elif dim > IMPORTANCE_DIM_MAX:
+            parts.append(
+                f"importance weights are not meaningful at this dimension ({dim} latent "
+                f"values, k {pareto_k:.2f} >= 0.7: in high dimension a few draws carry the "
+                f"weight whatever the proposal): weigh the members by their held-out "
+                f"predictions (stacking_weights) or equally, and check the predictive on "
+                f"held-out data"
+            )
         else:
             parts.append(
                 f"importance weights are unreliable (k {pareto_k:.2f} >= 0.7): the ensemble "
@@ -388,6 +400,7 @@ def ensemble_summary(
             weight,
             unusable,
             exclusion_reasons(ensemble, params, usable) if is_laplace(ensemble, params) else None,
+            sum(int(np.prod(np.shape(v)[2:])) for v in jax.tree.leaves(draws)),
         ),
     )
 

@@ -13,6 +13,7 @@ from numpyro_ensemble import (
     EnsembleMAP,
     ensemble_summary,
     importance_weights,
+    laplace_members,
 )
 
 
@@ -62,3 +63,21 @@ def test_ensemble_summary_gives_a_verdict_when_no_draw_can_be_weighted():
     summary = ensemble_summary(svi, random.key(1), params, num_samples=50)
     assert summary.weight_kind == "importance" and np.isnan(summary.weight).all()
     assert "no importance weights (no draw has a finite log density" in summary.verdict
+
+
+def wide_linear(x, y=None):
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[1]]).to_event(1))
+    numpyro.sample("y", dist.Normal(x @ w, 0.1).to_event(1), obs=y)
+
+
+def test_importance_weights_in_high_dimension_are_called_not_meaningful():
+    x = random.normal(random.key(0), (5, 1500))
+    y = random.normal(random.key(1), (5,))
+    ens = EnsembleMAP(wide_linear, optax.adam(0.05), ensemble_size=2)
+    result = ens.run(random.key(2), 200, x, y, progress_bar=False)
+    # a diagonal Gaussian of a posterior correlated along five directions
+    laplace, lp = laplace_members(ens, result.params, x, y, structure="diagonal")
+    iw = importance_weights(laplace, random.key(3), lp, x, y, num_samples=20)
+    assert iw.pareto_k >= 0.7
+    summary = ensemble_summary(laplace, random.key(4), lp, x, y, weights=iw)
+    assert "not meaningful at this dimension (1500 latent values" in summary.verdict
