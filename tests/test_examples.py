@@ -28,6 +28,9 @@ def test_sinc_regression_runs(tmp_path, capsys):
     # Even a quick fit finds the bump: the MAP ensemble's mean is far closer to sinc
     # than the constant 0 (RMSE about 0.3 on this grid).
     assert scores["EnsembleMAP"]["rmse_truth"] < 0.2
+    # the linearized predictive's mean is each member's network at its mode (the MAP
+    # point refined by L-BFGS): it finds the bump too
+    assert scores["Laplace around MAP (GGN, linearized)"]["rmse_truth"] < 0.2
 
 
 @pytest.mark.slow
