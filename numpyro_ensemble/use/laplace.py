@@ -521,9 +521,32 @@ def resolve(ensemble, params, args, kwargs, with_data: bool = True):
     return _from_guide(ensemble, params, args, kwargs)
 
 
+# What NumPyro's AutoContinuous._setup_prototype sets: the layout a twin shares.
+_PROTOTYPE = (
+    "prototype_trace",
+    "_potential_fn_gen",
+    "_potential_fn",
+    "_postprocess_fn",
+    "_init_locs",
+    "_prototype_frames",
+    "_prototype_plate_sizes",
+    "_prototype_frame_full_sizes",
+    "_init_latent",
+    "_unpack_latent",
+    "latent_dim",
+)
+
+
 def _from_guide(ensemble, params, args, kwargs):
     check_params(ensemble, params)
-    twin = _set_up(_twin(ensemble), args, kwargs)
+    twin = _twin(ensemble)
+    if twin.guide.prototype_trace is None and ensemble.guide.prototype_trace is not None:
+        # New inputs may lack the observed data (y=None), which would make it a latent
+        # site of a twin set up on them: the twin takes the fitted guide's layout.
+        for name in _PROTOTYPE:
+            if hasattr(ensemble.guide, name):
+                setattr(twin.guide, name, getattr(ensemble.guide, name))
+    twin = _set_up(twin, args, kwargs)
     safe, finite = usable_params(params, "ensemble_predictive")
     programs = twin.__dict__.setdefault("_laplace_programs", {})
     if "guide" not in programs:

@@ -318,3 +318,16 @@ def test_to_go_is_how_far_the_loss_is_above_its_optimum():
     assert summary.converged.tolist() == [True, False]
     assert abs(summary.to_go[0]) < 0.05
     np.testing.assert_allclose(summary.to_go[1], 2.0, rtol=0.25)
+
+
+def test_autolaplace_predictions_at_new_inputs_without_the_data_first():
+    """The first call after the fit predicts at new inputs without y: the Laplace twin
+    takes the fitted guide's layout (y stays observed, not a latent of the twin)."""
+    svi = EnsembleSVI(regression, AutoLaplaceApproximation(regression), optax.adam(0.05),
+                      Trace_ELBO(), ensemble_size=2)
+    result = svi.run(random.key(0), 300, X, Y, progress_bar=False)
+    x_new = jnp.array([4.0, 5.0, 6.0])
+    y_new = ensemble_predictive(svi, random.key(1), result.params, x_new, num_samples=5)["y"]
+    assert y_new.shape == (2, 5, 3) and np.isfinite(np.asarray(y_new)).all()
+    # the predictive mean follows the fitted line a + b x (intercept and slope near 1, 0.5)
+    np.testing.assert_allclose(np.asarray(y_new).mean(axis=(0, 1)), 1.0 + 0.5 * x_new, atol=0.6)
