@@ -56,7 +56,6 @@ from jax import random
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 import numpy as np
-from numpyro.distributions import constraints
 from numpyro.distributions.distribution import validation_enabled
 from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import cholesky_of_inverse
@@ -78,7 +77,6 @@ from numpyro_ensemble.engine.health import usable_params
 from numpyro_ensemble.engine.members import SplitArgs, apply_members, map_members
 from numpyro_ensemble.fit.svi import EnsembleSVI, check_ensemble
 from numpyro_ensemble.use.curvature import (
-    EXACT_DIAGONAL_MAX,
     Potential,
     dense_ggn,
     ggn_likelihood_diagonal,
@@ -87,11 +85,16 @@ from numpyro_ensemble.use.curvature import (
     linearize_likelihood,
     prior_diagonal,
     site_ranges,
-    unsupported_sites,
 )
 from numpyro_ensemble.use.evidence import optimal_prior_scale
 from numpyro_ensemble.use.fitted import check_params, mark_laplace, model_params
 from numpyro_ensemble.use.lanczos import top_eigenpairs
+from numpyro_ensemble.use.laplace_choices import (
+    FULL_UP_TO,
+    check_choices,
+    real_supports,
+    resolve_choices,
+)
 from numpyro_ensemble.use.laplace_guides import AutoLowRankPrecisionNormal
 
 __all__ = ["laplace_members"]
@@ -101,13 +104,6 @@ __all__ = ["laplace_members"]
 WARM_START_OPTIM = optax.adam(1e-3)
 # From a MAP point to the mode of the unconstrained density (see _mode).
 MODE_ITERATIONS = 200
-CURVATURES = ("auto", "hessian", "ggn")
-STRUCTURES = ("auto", "full", "diagonal", "lowrank")
-PRIOR_PRECISIONS = ("model", "evidence")
-# curvature="auto" takes the GGN above this many latent values (where the model allows)
-GGN_ABOVE = 100
-# structure="auto" is "full" up to this many latent values, "lowrank" above
-FULL_UP_TO = 1000
 # A member whose mode search did not converge has no mode near its point (e.g. a
 # funnel) where its curvature is not positive definite there, or where its Newton
 # decrement g^T P^{-1} g / 2 (the log density a Newton step would still gain) is above
@@ -161,96 +157,6 @@ def _twin(ensemble, structure: str = "full", rank: int | None = None):
 def _set_up(twin, args, kwargs):
     starts.set_up(twin, random.key(0), args, kwargs, loop.programs(twin), need_reference=False)
     return twin
-
-
-def _check_choices(curvature, structure, rank, prior_precision):
-    if curvature not in CURVATURES:
-        raise ValueError(
-            f"laplace_members: curvature must be one of {CURVATURES}, got {curvature!r}."
-        )
-    if structure not in STRUCTURES:
-        raise ValueError(
-            f"laplace_members: structure must be one of {STRUCTURES}, got {structure!r}."
-        )
-    if prior_precision not in PRIOR_PRECISIONS:
-        raise ValueError(
-            f"laplace_members: prior_precision must be one of {PRIOR_PRECISIONS}, got "
-            f"{prior_precision!r}."
-        )
-    if prior_precision == "evidence" and curvature == "hessian":
-        raise ValueError(
-            "laplace_members: prior_precision='evidence' needs curvature='ggn' (the "
-            "likelihood's curvature must be positive semi-definite)."
-        )
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise ValueError(f"laplace_members: rank must be a positive integer, got {rank!r}.")
-
-
-def _resolve_choices(curvature, structure, rank, dim, prototype_trace, prior_precision):
-    """The curvature and structure ``"auto"`` stands for, checked against the model
-    (``dim`` its number of latent values) before anything compiles."""
-    unsupported = unsupported_sites(prototype_trace)
-    observed = likelihood_sites(prototype_trace)
-    if curvature == "auto":
-        ggn_ok = bool(observed) and not unsupported
-        large = dim > GGN_ABOVE or structure == "lowrank" or prior_precision == "evidence"
-        curvature = "ggn" if ggn_ok and large else "hessian"
-    elif curvature == "ggn" and (unsupported or not observed):
-        found = ", ".join(f"{site!r} ({fn})" for site, fn in unsupported.items())
-        raise ValueError(
-            "laplace_members: curvature='ggn' needs likelihood sites of a family it knows "
-            "(Normal, Bernoulli, Categorical, Poisson), "
-            + (
-                f"but the model's observed sites {found} are not."
-                if found
-                else "but the model has no observed site."
-            )
-            + " Use curvature='hessian'."
-        )
-    if prior_precision == "evidence" and curvature == "hessian":
-        found = ", ".join(f"{site!r} ({fn})" for site, fn in unsupported.items())
-        raise ValueError(
-            "laplace_members: prior_precision='evidence' needs the GGN, whose likelihood "
-            "families are Normal, Bernoulli, Categorical and Poisson"
-            + (
-                f"; the model's observed sites {found} are not."
-                if found
-                else "; the model has no observed site."
-            )
-        )
-    if structure == "auto":
-        if curvature == "hessian":
-            structure = "full" if dim <= EXACT_DIAGONAL_MAX else "diagonal"
-        else:
-            structure = "full" if dim <= FULL_UP_TO else "lowrank"
-    if curvature == "hessian" and structure == "lowrank":
-        raise ValueError(
-            "laplace_members: structure='lowrank' needs curvature='ggn' (the exact Hessian "
-            "of a network's loss is indefinite, so its top eigenpairs make no precision)."
-        )
-    if curvature == "hessian" and dim > EXACT_DIAGONAL_MAX:
-        raise ValueError(
-            f"laplace_members: curvature='hessian' takes one Hessian-vector product per "
-            f"latent value (here {dim}); above {EXACT_DIAGONAL_MAX} use curvature='ggn' "
-            f"with structure='diagonal' or 'lowrank'."
-        )
-    if structure == "lowrank" and rank >= dim:
-        raise ValueError(
-            f"laplace_members: rank must be below the number of latent values ({dim}), "
-            f"got {rank}; use structure='full'."
-        )
-    return curvature, structure
-
-
-def _real_supports(prototype_trace, sites) -> bool:
-    """Whether every latent site is unconstrained (its transform the identity)."""
-    for name in sites:
-        support = prototype_trace[name]["fn"].support
-        while isinstance(support, constraints.independent):
-            support = support.base_constraint
-        if support is not constraints.real:
-            return False
-    return True
 
 
 def laplace_members(
@@ -329,7 +235,7 @@ def laplace_members(
             f"laplace_members needs a guide with a median (an AutoGuide such as AutoDelta or "
             f"AutoLaplaceApproximation), got {type(ensemble.guide).__name__}."
         )
-    _check_choices(curvature, structure, rank, prior_precision)
+    check_choices(curvature, structure, rank, prior_precision)
     split = ensemble._split(args, kwargs)
     info = ensemble._inspect(split)
     # the twin to set up first: the likely result, or the diagonal one (cheap at any D)
@@ -341,7 +247,7 @@ def laplace_members(
         _set_up(ensemble, args, kwargs)
     layout = _set_up(_twin(ensemble, guess, rank), args, kwargs)
     dim = layout.guide.latent_dim
-    curvature, structure = _resolve_choices(
+    curvature, structure = resolve_choices(
         curvature, structure, rank, dim, layout.guide.prototype_trace, prior_precision
     )
     twin = layout if structure == guess else _set_up(_twin(ensemble, structure, rank), args, kwargs)
@@ -376,7 +282,7 @@ def _program(ensemble, twin, plates, split, curvature, structure, evidence):
     # The search moves a MAP point (the mode of the constrained density) to the mode of
     # the unconstrained one; they coincide where every support is the real line, and
     # beyond the full structure's size the search is skipped there.
-    search = not laplace_guide and (structure == "full" or not _real_supports(trace, sites))
+    search = not laplace_guide and (structure == "full" or not real_supports(trace, sites))
     rank = getattr(layout, "rank", None)
 
     def member(m, args, kwargs):
