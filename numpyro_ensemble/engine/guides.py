@@ -10,17 +10,21 @@ member's key; the user's guide is built once, concretely, and never sees a trace
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 
 import jax
 from jax import random
 import jax.numpy as jnp
+import numpy as np
 from numpyro.handlers import seed
 from numpyro.infer.autoguide import (
     AutoContinuous,
     AutoGuide,
     AutoGuideList,
+    UnpackTransform,
     _ravel_dict_with_shape_dict,
+    _unravel_dict,
 )
 
 __all__ = []
@@ -88,3 +92,51 @@ def member_guide(guide, template, key, args, kwargs, static_kwargs):
     fresh = fresh_guide(template)
     seed(fresh, guide_seed)(*args, **kwargs, **static_kwargs)
     return with_init_locs(guide, fresh)
+
+
+# What NumPyro's AutoGuide._setup_prototype sets, from the model alone ...
+_PROTOTYPE = (
+    "prototype_trace",
+    "_potential_fn_gen",
+    "_potential_fn",
+    "_postprocess_fn",
+    "_init_locs",
+    "_prototype_frames",
+    "_prototype_plate_sizes",
+    "_prototype_frame_full_sizes",
+)
+# ... and what AutoContinuous._setup_prototype adds: the latent vector's layout.
+_LATENT_LAYOUT = ("_init_latent", "_unpack_latent", "latent_dim")
+
+
+def share_prototype(continuous, guide) -> bool:
+    """Give ``continuous`` (an AutoContinuous guide of the same model, not set up) the
+    prototype ``guide`` (an AutoGuide) built, instead of building its own op by op;
+    the latent vector's layout is ``guide``'s where it has one, else its sites in
+    prototype order. Returns whether it could: not when ``guide`` has no prototype or
+    is an AutoGuideList, nor where the model has local latent sites (AutoContinuous
+    refuses those; building its own prototype then says so)."""
+    if isinstance(guide, AutoGuideList) or getattr(guide, "prototype_trace", None) is None:
+        return False
+    if any(getattr(guide, name, None) is None for name in _PROTOTYPE):
+        return False
+    for site in guide.prototype_trace.values():
+        if site["type"] == "sample" and not site["is_observed"]:
+            for frame in site["cond_indep_stack"]:
+                if frame.size != guide._prototype_frame_full_sizes.get(frame.name, frame.size):
+                    return False
+    for name in _PROTOTYPE:
+        setattr(continuous, name, getattr(guide, name))
+    if all(getattr(guide, name, None) is not None for name in _LATENT_LAYOUT):
+        for name in _LATENT_LAYOUT:
+            setattr(continuous, name, getattr(guide, name))
+        return True
+    # AutoContinuous's own layout, on the host (NumPy: nothing to compile)
+    locs = {name: np.asarray(value) for name, value in guide._init_locs.items()}
+    shapes = {name: value.shape for name, value in locs.items()}
+    continuous._init_latent = np.concatenate([value.ravel() for value in locs.values()])
+    continuous._unpack_latent = UnpackTransform(
+        functools.partial(_unravel_dict, shape_dict=shapes), _ravel_dict_with_shape_dict
+    )
+    continuous.latent_dim = continuous._init_latent.size
+    return True

@@ -106,6 +106,9 @@ class Programs:
         state = state._replace(
             optim_state=hyper.split_optimizer_state(state.optim_state, keys.shape[0])
         )
+        # Without weak types (optax's linesearch info starts weakly typed, a step makes
+        # it strong): else the second chunk, fed the first's output, is a new program.
+        state = jax.tree.map(lambda x: lax.convert_element_type(x, jnp.result_type(x)), state)
         flags = identical_flags(params) if keys.shape[0] > 1 else {}
         if owner.mesh is not None:
             flags = jax.lax.with_sharding_constraint(flags, NamedSharding(owner.mesh, PartitionSpec()))
@@ -171,13 +174,17 @@ class Programs:
                 )
                 return (state, stream, stop), losses
 
+            # jitted so that the loop's body reuses the trace made to find the losses'
+            # dtype (a step of a large model takes seconds to trace)
+            traced_step = jax.jit(step)
+
             def body(i, loop_carry):
                 carry, buffer = loop_carry
-                carry, losses = step(carry)
+                carry, losses = traced_step(carry)
                 return carry, lax.dynamic_update_index_in_dim(buffer, losses, i, axis=1)
 
             carry = (state, stream, stop)
-            one = jax.eval_shape(lambda c: step(c)[1], carry)
+            one = jax.eval_shape(traced_step, carry)[1]
             buffer = jnp.full((num_local, length), jnp.nan, one.dtype)
             (state, stream, stop), losses = lax.fori_loop(0, count, body, (carry, buffer))
             return state, stream, losses, stop

@@ -271,6 +271,26 @@ def apply_members(
     return shard_members(local, mesh, (True, True, False), True)(mapped, member_dyn, shared_dyn)
 
 
+def apply_members_jitted(owner, key, fn, mapped, split: SplitArgs) -> Any:
+    """:func:`apply_members` of ``fn`` as one jitted program, compiled once per ``owner``
+    (an ensemble, whose mesh and ``members_per_chunk`` it uses), ``key`` (every setting
+    ``fn``'s closure depends on) and the arguments' static part and axes: a second
+    call with equal settings traces and compiles nothing (run eagerly, a mapped
+    ``lax.scan`` in NumPyro's ``Predictive`` is a new program on every call)."""
+    programs = owner.__dict__.setdefault("_member_programs", {})
+    full_key = (key, split.axes, split.static)
+    if full_key not in programs:
+        axes, static = split.axes, split.static
+        mesh, members_per_chunk = owner.mesh, owner.members_per_chunk
+        programs[full_key] = jax.jit(
+            lambda m, dynamic: apply_members(
+                fn, m, SplitArgs(dynamic, axes, static), mesh=mesh,
+                members_per_chunk=members_per_chunk,
+            )
+        )
+    return programs[full_key](mapped, split.dynamic)
+
+
 def partition(dynamic, axes) -> tuple[list, list]:
     """``dynamic`` as (per-member arrays, shared arrays), each in order."""
     mapped = [d for d, a in zip(dynamic, axes, strict=True) if a == 0]

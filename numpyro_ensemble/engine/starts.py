@@ -5,6 +5,7 @@ start from the same point."""
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 
 import jax
 from jax import random
@@ -12,10 +13,11 @@ import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 import numpy as np
 from numpyro.distributions.distribution import validation_enabled
+from numpyro.infer.autoguide import AutoGuide
 from numpyro.infer.svi import SVI
 
 from numpyro_ensemble.engine.checks import check_state_params, check_support, warn
-from numpyro_ensemble.engine.members import map_members, member_args
+from numpyro_ensemble.engine.members import map_members, member_args, merge_args, split_args
 from numpyro_ensemble.engine.sharding import put
 
 __all__ = ["IdenticalMembersWarning"]
@@ -26,21 +28,54 @@ _INIT_FN_TAG = 0x696E6974
 
 def set_up(svi, rng_key, args, kwargs, progs, need_reference):
     """Build the user's guide prototype and the param constraints of ``svi`` (an
-    ``EnsembleSVI``), concretely and outside every transform (so later traced calls
-    never store tracers in the guide), once per configuration. Returns the
-    reference params of one member when ``need_reference``."""
+    ``EnsembleSVI``) outside every transform (so later traced calls never store
+    tracers in the guide), once per configuration: an AutoGuide's prototype
+    concretely (NumPyro builds it op by op), the rest abstractly. Returns the
+    reference params of one member (abstract values where found abstractly) when
+    ``need_reference``."""
     if svi.constrain_fn is None and progs.constrain_fn is not None:
         svi.constrain_fn = progs.constrain_fn  # same model and guide, already set up
     if svi.constrain_fn is not None and not need_reference:
         return None
     args, kwargs = member_args(args, kwargs, 0)
-    # Concretely but without NumPyro's argument validation: the reference member's
-    # draws must not fail where the traced members (never validated) do not.
+    split = split_args(args, kwargs)
+
+    def init(key, dynamic):
+        member_args_, member_kwargs = merge_args(dynamic, split.static)
+        state = SVI.init(svi, key, *member_args_, **member_kwargs)  # sets svi.constrain_fn
+        return svi.constrain_fn(svi.optim.get_params(state.optim_state))
+
+    # Without NumPyro's argument validation: the reference member's draws must not fail
+    # where the traced members (never validated) do not.
     with validation_enabled(False):
-        reference = SVI.init(svi, rng_key, *args, **kwargs)
+        reference = None
+        if not needs_prototype(svi.guide):
+            # nothing left for the guide to keep: abstractly (no op-by-op programs),
+            # unless the param constraints depend on traced values
+            reference = jax.eval_shape(init, rng_key, split.dynamic)  # arrays traced, as in run
+            if holds_tracer(svi.constrain_fn):
+                reference = None
+        if reference is None:
+            reference = init(rng_key, split.dynamic)
     if progs.constrain_fn is None:
         progs.constrain_fn = svi.constrain_fn
-    return svi.constrain_fn(svi.optim.get_params(reference.optim_state))
+    return reference
+
+
+def needs_prototype(guide) -> bool:
+    """Whether ``guide`` is an AutoGuide that has not built its prototype yet (which
+    it keeps, so it must be built concretely)."""
+    return isinstance(guide, AutoGuide) and guide.prototype_trace is None
+
+
+def holds_tracer(fn) -> bool:
+    """Whether a ``functools.partial`` (NumPyro's ``constrain_fn``) holds a traced
+    value (a constraint computed from the model's arguments under a trace); anything
+    else counts as holding one."""
+    if not isinstance(fn, functools.partial):
+        return True
+    leaves = jax.tree.leaves((fn.args, fn.keywords))
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in leaves)
 
 
 def resume(svi, init_state):

@@ -41,29 +41,36 @@ def pointwise_log_likelihood(ensemble, params: dict, draws: dict, args, kwargs) 
     concatenated, ``numpyro.factor`` sites left out) at ``(E, S)`` draws, with each
     member's own model params: ``(E, S, N)``."""
     split = ensemble._split(args, kwargs)
-    model = full_data(ensemble.model, ensemble._inspect(split).plates)
-    e, s = 0, 0
-    if draws:  # trace at a finite draw, to tell which sites are real observations
-        first = np.asarray(next(iter(jax.tree.leaves(draws))))
-        e, s = np.argwhere(np.isfinite(first.reshape(first.shape[:2] + (-1,))).all(-1))[0]
-    one = jax.tree.map(lambda v: v[e, s], draws)
-    own = jax.tree.map(lambda v: v[e], model_params(ensemble, params, args, kwargs))
-    model_trace = trace(substitute(seed(model, 0), {**own, **one})).get_trace(
-        *args, **kwargs, **ensemble.static_kwargs
+    plates = ensemble._inspect(split).plates
+    model = full_data(ensemble.model, plates)
+    own_params = model_params(ensemble, params, args, kwargs)
+    observed = []
+
+    def find_observed(one, own):  # which sites are real observations (abstractly)
+        model_trace = trace(substitute(seed(model, 0), {**own, **one})).get_trace(
+            *args, **kwargs, **ensemble.static_kwargs
+        )
+        observed.extend(
+            name
+            for name, site in model_trace.items()
+            if site["type"] == "sample"
+            and site["is_observed"]
+            and not site["infer"].get("is_auxiliary", False)
+        )
+
+    jax.eval_shape(
+        find_observed,
+        jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v)[2:], v.dtype), draws),
+        jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v)[1:], v.dtype), own_params),
     )
-    observed = [
-        name
-        for name, site in model_trace.items()
-        if site["type"] == "sample"
-        and site["is_observed"]
-        and not site["infer"].get("is_auxiliary", False)
-    ]
     if not observed:
         raise ValueError(
             "stacking_weights: the model has no observed sites, so there is no "
             "predictive density to stack; use importance_weights."
         )
-    pointwise = pointwise_log_likelihoods(ensemble, model, params, draws, args, kwargs)
+    pointwise = pointwise_log_likelihoods(
+        ensemble, model, params, draws, args, kwargs, ("stacking", plates)
+    )
     E, S = np.shape(pointwise[observed[0]])[:2]
     return np.concatenate(
         [np.asarray(pointwise[name], np.float64).reshape(E, S, -1) for name in observed], axis=-1

@@ -172,7 +172,9 @@ def to_arviz(
     )
     posterior = {**draws, **{n: predicted[n] for n in deterministic}}
     posterior_predictive = {n: predicted[n] for n in observed}
-    pointwise = pointwise_log_likelihoods(ensemble, ensemble.model, params, draws, args, kwargs)
+    pointwise = pointwise_log_likelihoods(
+        ensemble, ensemble.model, params, draws, args, kwargs, ("arviz",)
+    )
     pointwise = {
         n: np.broadcast_to(v, (E, S) + np.shape(v)[2:]) for n, v in pointwise.items() if n in observed
     }

@@ -73,6 +73,7 @@ import optax
 from numpyro_ensemble.engine import loop, starts
 from numpyro_ensemble.engine.batching import full_data
 from numpyro_ensemble.engine.checks import warn
+from numpyro_ensemble.engine.guides import share_prototype
 from numpyro_ensemble.engine.health import usable_params
 from numpyro_ensemble.engine.members import SplitArgs, apply_members, map_members
 from numpyro_ensemble.fit.svi import EnsembleSVI, check_ensemble
@@ -154,7 +155,12 @@ def _twin(ensemble, structure: str = "full", rank: int | None = None):
     return twins[key]
 
 
-def _set_up(twin, args, kwargs):
+def _set_up(twin, args, kwargs, fitted=None):
+    """``twin`` set up: the prototype of ``fitted`` (the ensemble's guide) where it has
+    one (NumPyro's own set-up compiles one small program per array operation), else
+    its own."""
+    if fitted is not None and twin.guide.prototype_trace is None and twin.constrain_fn is None:
+        share_prototype(twin.guide, fitted)
     starts.set_up(twin, random.key(0), args, kwargs, loop.programs(twin), need_reference=False)
     return twin
 
@@ -245,12 +251,14 @@ def laplace_members(
         guess = "full" if small else "diagonal"
     if getattr(ensemble.guide, "prototype_trace", None) is None:  # params from elsewhere
         _set_up(ensemble, args, kwargs)
-    layout = _set_up(_twin(ensemble, guess, rank), args, kwargs)
+    layout = _set_up(_twin(ensemble, guess, rank), args, kwargs, ensemble.guide)
     dim = layout.guide.latent_dim
     curvature, structure = resolve_choices(
         curvature, structure, rank, dim, layout.guide.prototype_trace, prior_precision
     )
-    twin = layout if structure == guess else _set_up(_twin(ensemble, structure, rank), args, kwargs)
+    if structure != guess:
+        layout = _set_up(_twin(ensemble, structure, rank), args, kwargs, ensemble.guide)
+    twin = layout
     safe, finite = usable_params(params, "laplace_members")
     own = model_params(ensemble, safe, args, kwargs)
     programs = twin.__dict__.setdefault("_laplace_programs", {})
@@ -427,32 +435,11 @@ def resolve(ensemble, params, args, kwargs, with_data: bool = True):
     return _from_guide(ensemble, params, args, kwargs)
 
 
-# What NumPyro's AutoContinuous._setup_prototype sets: the layout a twin shares.
-_PROTOTYPE = (
-    "prototype_trace",
-    "_potential_fn_gen",
-    "_potential_fn",
-    "_postprocess_fn",
-    "_init_locs",
-    "_prototype_frames",
-    "_prototype_plate_sizes",
-    "_prototype_frame_full_sizes",
-    "_init_latent",
-    "_unpack_latent",
-    "latent_dim",
-)
-
-
 def _from_guide(ensemble, params, args, kwargs):
     check_params(ensemble, params)
-    twin = _twin(ensemble)
-    if twin.guide.prototype_trace is None and ensemble.guide.prototype_trace is not None:
-        # New inputs may lack the observed data (y=None), which would make it a latent
-        # site of a twin set up on them: the twin takes the fitted guide's layout.
-        for name in _PROTOTYPE:
-            if hasattr(ensemble.guide, name):
-                setattr(twin.guide, name, getattr(ensemble.guide, name))
-    twin = _set_up(twin, args, kwargs)
+    # New inputs may lack the observed data (y=None), which would make it a latent site
+    # of a twin set up on them: the twin takes the fitted guide's layout.
+    twin = _set_up(_twin(ensemble), args, kwargs, ensemble.guide)
     safe, finite = usable_params(params, "ensemble_predictive")
     programs = twin.__dict__.setdefault("_laplace_programs", {})
     if "guide" not in programs:

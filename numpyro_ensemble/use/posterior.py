@@ -29,6 +29,7 @@ from numpyro_ensemble.engine.checks import (
 from numpyro_ensemble.engine.health import blank, usable_params
 from numpyro_ensemble.engine.members import (
     apply_members,
+    apply_members_jitted,
     check_per_member,
     has_per_member,
     member_args,
@@ -99,10 +100,10 @@ def draw_guides(ensemble, rng_key, params, args, kwargs, num_samples, caller, au
     """``num_samples`` draws of every member's guide, ``(E, S, ...)``, and the ``(E,)``
     mask of usable members (members with non-finite params get NaN draws)."""
     params, finite = usable_params(params, caller)
-    draw = _guide_draw(ensemble, params, args, kwargs, num_samples, auxiliary)
+    draw, names = _guide_draw(ensemble, params, args, kwargs, num_samples, auxiliary)
     keys = random.split(rng_key, ensemble.ensemble_size)
     with validation_enabled(False):  # its checks of concrete values run op by op
-        draws = _map(ensemble, draw, (params, keys), args, kwargs)
+        draws = _map(ensemble, draw, (params, keys), args, kwargs, ("draw", names, num_samples))
     return blank(draws, finite), finite
 
 
@@ -110,7 +111,7 @@ def blank_draws(ensemble, params, args, kwargs, num_samples, auxiliary=False) ->
     """NaN draws ``(E, S, ...)`` of the sites and shapes :func:`draw_guides` gives, for an
     ensemble none of whose members is usable (nothing runs: the shapes come from
     ``jax.eval_shape``; non-floating sites are 0)."""
-    draw = _guide_draw(ensemble, params, args, kwargs, num_samples, auxiliary)
+    draw, _ = _guide_draw(ensemble, params, args, kwargs, num_samples, auxiliary)
     keys = random.split(random.key(0), ensemble.ensemble_size)
     with validation_enabled(False):
         shapes = jax.eval_shape(
@@ -126,7 +127,7 @@ def blank_draws(ensemble, params, args, kwargs, num_samples, auxiliary=False) ->
 
 def _guide_draw(ensemble, params, args, kwargs, num_samples, auxiliary):
     """One member's ``num_samples`` guide draws of the guide's sites (auxiliary ones
-    with ``auxiliary``), as :func:`_map` calls it."""
+    with ``auxiliary``), as :func:`_map` calls it, and the names of those sites."""
     sites = guide_sites(ensemble, params, *args, **kwargs)
     names = [s.name for s in sites if auxiliary or not s.auxiliary]
 
@@ -137,12 +138,13 @@ def _guide_draw(ensemble, params, args, kwargs, num_samples, auxiliary):
         )
         return predictive(key, *args, **kwargs, **ensemble.static_kwargs)
 
-    return draw
+    return draw, tuple(names)
 
 
-def pointwise_log_likelihoods(ensemble, model, params: dict, draws: dict, args, kwargs):
+def pointwise_log_likelihoods(ensemble, model, params: dict, draws: dict, args, kwargs, key=None):
     """``{observed site: log p(y | z, params_e)}`` at every draw, ``(E, S, ...)``, with
-    member ``e``'s model params (a model with no latent sites: ``S = 1``)."""
+    member ``e``'s model params (a model with no latent sites: ``S = 1``); with a
+    ``key`` (what ``model`` is made from) one program compiled once per key."""
 
     def member(m, args, kwargs):
         own_params, own_draws = m
@@ -152,7 +154,8 @@ def pointwise_log_likelihoods(ensemble, model, params: dict, draws: dict, args, 
             return log_likelihood(at, own_draws, *args, batch_ndims=1, **kwargs)
         return jax.tree.map(lambda v: v[None], log_likelihood(at, {}, *args, batch_ndims=0, **kwargs))
 
-    return _map(ensemble, member, (model_params(ensemble, params, args, kwargs), draws), args, kwargs)
+    own = model_params(ensemble, params, args, kwargs)
+    return _map(ensemble, member, (own, draws), args, kwargs, key and ("loglik", key))
 
 
 def sample_posterior(
@@ -225,14 +228,14 @@ def sample_posterior(
     return resample_draws(resample_key, draws, log_weights, E * num_samples)
 
 
-def _map(ensemble, fn, mapped, args, kwargs):
-    """``fn`` for every member, with the member's own slice of per-member data."""
+def _map(ensemble, fn, mapped, args, kwargs, key=None):
+    """``fn`` for every member, with the member's own slice of per-member data; with
+    a ``key`` (the settings ``fn`` depends on) as one program compiled once per key."""
+    split = ensemble._split(args, kwargs)
+    if key is not None:
+        return apply_members_jitted(ensemble, key, fn, mapped, split)
     return apply_members(
-        fn,
-        mapped,
-        ensemble._split(args, kwargs),
-        mesh=ensemble.mesh,
-        members_per_chunk=ensemble.members_per_chunk,
+        fn, mapped, split, mesh=ensemble.mesh, members_per_chunk=ensemble.members_per_chunk
     )
 
 
@@ -350,7 +353,8 @@ def ensemble_predictive(
         return predictive(key, *args, **kwargs, **ensemble.static_kwargs)
 
     keys = random.split(pred_key, ensemble.ensemble_size)
-    return _map(ensemble, predict, (posterior_samples, own_params, keys), args, kwargs)
+    settings = ("predict", resample_observed, None if return_sites is None else tuple(return_sites), num_samples)
+    return _map(ensemble, predict, (posterior_samples, own_params, keys), args, kwargs, settings)
 
 
 def ensemble_predict(

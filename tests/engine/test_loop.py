@@ -83,6 +83,30 @@ def test_new_object_on_the_same_model_compiles_nothing(count_compiles, regressio
     assert len(count_compiles) > before
 
 
+def test_a_linesearch_run_compiles_its_chunk_program_once(regression_data):
+    """optax's L-BFGS state starts weakly typed and a step makes it strong: the chunks
+    after the first (a progress bar cuts 30 steps into 15) and the steps of a jitted
+    update loop after the first must not each be a new program."""
+    x, y = regression_data
+    names = []
+
+    def listener(event, duration, fun_name=None, **kwargs):
+        if event == _COMPILE_EVENT:
+            names.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        ens = EnsembleMAP(regression_model, optax.lbfgs(), ensemble_size=2)
+        ens.run(random.key(0), 30, x, y, progress_bar=True)
+        state, update = ens.init(random.key(1), x, y), jax.jit(ens.update)
+        for _ in range(3):  # a user's jitted loop, as with SVI
+            state, _ = update(state, x, y)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert names.count("jit(_chunk)") == 1, names
+    assert names.count("jit(update)") == 1, names
+
+
 def test_guides_for_other_shapes_are_kept_apart():
     """Two EnsembleMAPs of a model with a local latent on data of two sizes both work."""
     import jax.numpy as jnp
