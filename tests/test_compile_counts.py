@@ -15,6 +15,7 @@ from numpyro_ensemble import (
     ensemble_summary,
     importance_weights,
     laplace_members,
+    nuts_warm_start,
     sample_posterior,
     stacking_weights,
 )
@@ -69,6 +70,7 @@ def test_each_step_after_the_fit_compiles_a_few_programs_once():
             laplace, random.key(6), lp, x, num_samples=20
         ),
         "stacking_weights": lambda: stacking_weights(laplace, random.key(7), lp, x, y, num_samples=10),
+        "nuts_warm_start": lambda: nuts_warm_start(laplace, random.key(8), lp, x, y, weights=iw),
     }
     for name, step in steps.items():
         first = compiles_of(step)

@@ -78,6 +78,7 @@ class Programs:
     def __init__(self, owner):
         self.owner = owner
         self.constrain_fn = None  # set by the first init; shared by later objects
+        self.ran = False  # whether a run has called the chunk program
         self.init = jax.jit(self._init, static_argnames=("static", "axes"))
         self.chunk = jax.jit(
             self._chunk,
@@ -308,45 +309,89 @@ def run_plates(ensemble, split: SplitArgs) -> tuple:
     return ensemble._inspect(split).plates
 
 
+class Chunks:
+    """The chunk program of one ``run`` with every input but the state, the stream's
+    position and the stopping state: built before the members' initial state exists,
+    so the first run can compile it beside the init program (:func:`compile_side_by_side`)."""
+
+    def __init__(self, ensemble, progs, rng_key, split, *, stable_update, forward_mode, early_stopping):
+        self.ensemble, self.progs, self.split = ensemble, progs, split
+        self.plates = run_plates(ensemble, split)
+        self.keys = None
+        if self.plates:
+            self.keys = put(batching.stream_keys(ensemble.member_keys(rng_key)), ensemble.mesh, True)
+        self.dynamic = put_args(split.dynamic, split.axes, ensemble.mesh)
+        self.hyperparams = put(ensemble._hyperparams, ensemble.mesh, True)
+        self.options = {
+            "static": split.static, "axes": split.axes, "plates": self.plates, "length": MAX_CHUNK,
+            "stable_update": stable_update, "forward_mode": forward_mode,
+            "early_stopping": early_stopping,
+        }
+
+    def start(self, t0: int = 0):
+        """The stream at step ``t0`` and a fresh stopping state."""
+        stream = batching.position_at(self.plates, self.ensemble.subsample, t0)
+        return stream, put(stopping.init(self.ensemble.ensemble_size), self.ensemble.mesh, True)
+
+    def inputs(self, state, stream, stop, length):
+        return (state, stream, self.keys, self.dynamic, stop, self.hyperparams, np.int32(length))
+
+    def __call__(self, state, stream, stop, length):
+        self.progs.ran = True
+        return self.progs.chunk(*self.inputs(state, stream, stop, length), **self.options)
+
+    def lower(self, state):
+        """The chunk program lowered for a state of ``state``'s shapes (abstract values)."""
+        stream, stop = self.start()
+        state = carried(self.ensemble, state)
+        return self.progs.chunk.lower(*self.inputs(state, stream, stop, 1), **self.options)
+
+
+def carried(ensemble, svi_state):
+    """The state as the chunks carry it."""
+    if getattr(ensemble.loss, "num_particles", 1) > 1 and svi_state.mutable_state is not None:
+        # NumPyro ignores mutable state with several particles (and warns when the loss
+        # is traced): its update returns None, which the scan's carry must match.
+        svi_state = svi_state._replace(mutable_state=None)
+    return svi_state
+
+
+def compile_side_by_side(init_program, init_args: tuple, init_kwargs: dict, chunks: Chunks) -> None:
+    """Compile the init program and the chunk program of a first ``run`` at once: both
+    are traced and lowered here (NumPyro's handler stack is not per thread), the chunk
+    program for the init program's output shapes, then compiled in two threads (XLA
+    compiles without holding Python's lock), so the run waits for the longer of the
+    two compiles, not their sum. The calls that follow find them compiled; should a
+    compile fail here, the call compiles again and reports it."""
+    lowered_init = init_program.lower(*init_args, **init_kwargs)
+    state, _ = lowered_init.out_info
+    lowered = (lowered_init, chunks.lower(state))
+    threads = [threading.Thread(target=program.compile, daemon=True) for program in lowered]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def run_steps(
-    ensemble, progs, rng_key, svi_state, split, num_steps, *,
-    progress_bar, stable_update, forward_mode, early_stopping, on_chunk, every,
+    ensemble, chunks: Chunks, svi_state, num_steps, *, progress_bar, on_chunk, every,
 ):
     """``num_steps`` scanned steps of every member from ``svi_state`` (the body of
     ``EnsembleSVI.run``): mini-batch streams, chunks, early stopping, checkpoints and
     the warning about members with non-finite losses.
     Returns ``(state, losses (E, num_steps), stop)``."""
-    if getattr(ensemble.loss, "num_particles", 1) > 1 and svi_state.mutable_state is not None:
-        # NumPyro ignores mutable state with several particles (and warns when the loss
-        # is traced): its update returns None, which the scan's carry must match.
-        svi_state = svi_state._replace(mutable_state=None)
-    plates = run_plates(ensemble, split)
-    keys, stream = None, batching.position_at((), ensemble.subsample, 0)
-    if plates:
-        keys = put(batching.stream_keys(ensemble.member_keys(rng_key)), ensemble.mesh, True)
-        t0 = int(_max_step(svi_state.optim_state[0]))
-        stream = batching.position_at(plates, ensemble.subsample, t0)
-    dynamic = put_args(split.dynamic, split.axes, ensemble.mesh)
-    hyperparams = put(ensemble._hyperparams, ensemble.mesh, True)
-
-    def run_chunk(state, stream, stop, length):
-        return progs.chunk(
-            state, stream, keys, dynamic, stop, hyperparams, np.int32(length),
-            static=split.static, axes=split.axes, plates=plates, length=MAX_CHUNK,
-            stable_update=stable_update, forward_mode=forward_mode,
-            early_stopping=early_stopping,
-        )
-
-    stop = put(stopping.init(ensemble.ensemble_size), ensemble.mesh, True)
+    svi_state = carried(ensemble, svi_state)
+    t0 = int(_max_step(svi_state.optim_state[0])) if chunks.plates else 0
+    stream, stop = chunks.start(t0)
     state, losses, nonfinite, stop = drive(
-        run_chunk, svi_state, stream, stop, num_steps, progress_bar,
-        chunked=early_stopping is not None, every=every, on_chunk=on_chunk,
+        chunks, svi_state, stream, stop, num_steps, progress_bar,
+        chunked=chunks.options["early_stopping"] is not None, every=every, on_chunk=on_chunk,
     )
     bad = np.flatnonzero(nonfinite)
     if bad.size:
         kept = (
             "they kept their last finite state at those steps"
-            if stable_update
+            if chunks.options["stable_update"]
             else "pass stable_update=True to keep their last finite state"
         )
         warn(

@@ -277,18 +277,25 @@ def apply_members_jitted(owner, key, fn, mapped, split: SplitArgs) -> Any:
     ``fn``'s closure depends on) and the arguments' static part and axes: a second
     call with equal settings traces and compiles nothing (run eagerly, a mapped
     ``lax.scan`` in NumPyro's ``Predictive`` is a new program on every call)."""
-    programs = owner.__dict__.setdefault("_member_programs", {})
-    full_key = (key, split.axes, split.static)
-    if full_key not in programs:
-        axes, static = split.axes, split.static
-        mesh, members_per_chunk = owner.mesh, owner.members_per_chunk
-        programs[full_key] = jax.jit(
-            lambda m, dynamic: apply_members(
-                fn, m, SplitArgs(dynamic, axes, static), mesh=mesh,
-                members_per_chunk=members_per_chunk,
-            )
-        )
-    return programs[full_key](mapped, split.dynamic)
+    axes, static = split.axes, split.static
+    mesh, members_per_chunk = owner.mesh, owner.members_per_chunk
+    program = owner_program(
+        owner,
+        ("apply_members", key, axes, static),
+        lambda: lambda m, dynamic: apply_members(
+            fn, m, SplitArgs(dynamic, axes, static), mesh=mesh, members_per_chunk=members_per_chunk
+        ),
+    )
+    return program(mapped, split.dynamic)
+
+
+def owner_program(owner, key, build: Callable) -> Callable:
+    """``jax.jit(build())``, built once per ``owner`` (an ensemble) and ``key`` (every
+    setting the built function's closure depends on, e.g. the arguments' static part)."""
+    programs = owner.__dict__.setdefault("_owner_programs", {})
+    if key not in programs:
+        programs[key] = jax.jit(build())
+    return programs[key]
 
 
 def partition(dynamic, axes) -> tuple[list, list]:

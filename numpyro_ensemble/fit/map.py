@@ -216,9 +216,10 @@ class EnsembleMAP(EnsembleSVI):
     def init(self, rng_key: PRNGKeyArray, *args, init_params=None, **kwargs) -> SVIState:
         """As :meth:`EnsembleSVI.init`. ``init_params`` may also be given by the
         model's site names (``{"mu": ...}``), shared or with a leading ``(E,)`` axis."""
-        return super().init(
-            rng_key, *args, init_params=self._param_names(init_params), **kwargs
-        )
+        return super().init(rng_key, *args, init_params=init_params, **kwargs)
+
+    def _init(self, rng_key, args, kwargs, init_params, chunks=None):
+        return super()._init(rng_key, args, kwargs, self._param_names(init_params), chunks)
 
     def _param_names(self, init_params):
         if callable(init_params):

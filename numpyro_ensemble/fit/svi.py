@@ -273,6 +273,11 @@ class EnsembleSVI(SVI):
         :return: the initial :data:`~numpyro.infer.svi.SVIState`; every array leaf
             has a leading ``(E,)`` axis.
         """
+        return self._init(rng_key, args, kwargs, init_params)
+
+    def _init(self, rng_key, args, kwargs, init_params, chunks=None) -> SVIState:
+        """:meth:`init`; with ``chunks`` (a first ``run``'s :class:`~numpyro_ensemble.engine.loop.Chunks`)
+        the init and chunk programs are compiled side by side first."""
         check_key(rng_key)
         split = self._split(args, kwargs)
         info = self._inspect(split)
@@ -287,13 +292,15 @@ class EnsembleSVI(SVI):
             init_params, shared_names = starts.member_init_params(
                 init_params, keys, reference, self.constrain_fn, self.members_per_chunk
             )
-        state, flags = progs.init(
+        inputs = (
             put(keys, self.mesh, True),
             put(init_params, self.mesh, True),
             put_args(split.dynamic, split.axes, self.mesh),
-            static=split.static,
-            axes=split.axes,
         )
+        options = {"static": split.static, "axes": split.axes}
+        if chunks is not None and not progs.ran:
+            loop.compile_side_by_side(progs.init, inputs, options, chunks)
+        state, flags = progs.init(*inputs, **options)
         starts.warn_once_if_identical(self, flags, shared_names)
         return state
 
@@ -446,8 +453,14 @@ class EnsembleSVI(SVI):
             keeps_gradient=isinstance(self.optim, optim_module.LinesearchOptim),
         )
         progs = loop.programs(self)
+        chunks = loop.Chunks(
+            self, progs, rng_key, split,
+            stable_update=bool(stable_update),
+            forward_mode=bool(forward_mode_differentiation),
+            early_stopping=early_stopping,
+        )
         if init_state is None:
-            svi_state = self.init(rng_key, *args, init_params=init_params, **kwargs)
+            svi_state = self._init(rng_key, args, kwargs, init_params, chunks)
         else:
             self._check_state(init_state, "init_state")
             # a new object resuming a saved state sets up the guide first
@@ -455,11 +468,8 @@ class EnsembleSVI(SVI):
             optim_module.check_optimizer(self, self._inspect(split), args, kwargs)
             svi_state = starts.resume(self, init_state)
         svi_state, losses, stop = loop.run_steps(
-            self, progs, rng_key, svi_state, split, num_steps,
+            self, chunks, svi_state, num_steps,
             progress_bar=progress_bar,
-            stable_update=bool(stable_update),
-            forward_mode=bool(forward_mode_differentiation),
-            early_stopping=early_stopping,
             on_chunk=None if checkpoint_path is None else partial(save_checkpoint, checkpoint_path),
             every=checkpoint_every,
         )

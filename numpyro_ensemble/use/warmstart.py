@@ -70,6 +70,7 @@ from numpyro.infer.util import potential_energy, unconstrain_fn
 from numpyro_ensemble.engine.checks import check_key, check_positive_int
 from numpyro_ensemble.engine.health import finite_members
 from numpyro_ensemble.engine.inspection import inspect_model
+from numpyro_ensemble.engine.members import merge_args, owner_program
 from numpyro_ensemble.fit.svi import check_ensemble
 from numpyro_ensemble.use import laplace
 from numpyro_ensemble.use.fitted import check_params
@@ -341,11 +342,8 @@ def _resample(rng: np.random.Generator, log_w: np.ndarray, count: int) -> np.nda
 def _potential_energies(ensemble, unconstrained: dict, args, kwargs) -> np.ndarray:
     """NumPyro's potential energy (minus the log joint, Jacobians included) at each
     unconstrained draw: the scale a healthy chain's energy is compared with."""
-    model_kwargs = {**kwargs, **ensemble.static_kwargs}
     safe = jax.tree.map(lambda v: np.where(np.isfinite(v), v, 0.0), unconstrained)
-    energy = jax.jit(jax.vmap(
-        lambda z: potential_energy(ensemble.model, args, model_kwargs, z)
-    ))(safe)
+    energy = _draws_program(ensemble, "potential_energy", potential_energy, args, kwargs)(safe)
     return np.asarray(energy, np.float64)
 
 
@@ -361,7 +359,7 @@ def _weighted_quantile(values: np.ndarray, log_w: np.ndarray, q: float) -> float
 
 
 def _sites(ensemble, params, args, kwargs):
-    safe = jax.tree.map(lambda v: jnp.where(jnp.isfinite(v), v, 0.0), params)
+    safe = jax.tree.map(lambda v: np.where(np.isfinite(v), v, 0), params)  # on the host
     return guide_sites(ensemble, safe, *args, **kwargs)
 
 
@@ -385,11 +383,28 @@ def _latent_sites(ensemble, args, kwargs, model) -> tuple:
 
 def _to_unconstrained(ensemble, draws: dict, args, kwargs, sites) -> dict:
     """Constrained draws ``{site: (N, ...)}`` in the unconstrained space, as NumPy."""
-    model_kwargs = {**kwargs, **ensemble.static_kwargs}
-    unconstrained = jax.vmap(lambda z: unconstrain_fn(ensemble.model, args, model_kwargs, z))(
+    unconstrained = _draws_program(ensemble, "unconstrain", unconstrain_fn, args, kwargs)(
         {name: draws[name] for name in sites}
     )
     return {name: np.asarray(unconstrained[name], np.float64) for name in sites}
+
+
+def _draws_program(ensemble, name, fn, args, kwargs):
+    """``draws -> vmap(fn(model, args, kwargs, draw))``, NumPyro's ``unconstrain_fn`` or
+    ``potential_energy``, one program per ensemble and the arguments' static part."""
+    split = ensemble._split(args, kwargs)
+    static_kwargs = ensemble.static_kwargs
+
+    def build():
+        def program(draws, dynamic):
+            model_args, model_kwargs = merge_args(dynamic, split.static)
+            model_kwargs = {**model_kwargs, **static_kwargs}
+            return jax.vmap(lambda z: fn(ensemble.model, model_args, model_kwargs, z))(draws)
+
+        return program
+
+    program = owner_program(ensemble, (name, split.axes, split.static), build)
+    return lambda draws: program(draws, split.dynamic)
 
 
 def _rows(unconstrained: dict, sites) -> np.ndarray:
@@ -422,6 +437,6 @@ def _mixture_covariance(ensemble, params, member_weights, sites):
     second = (w[keep, None, None] * (covs[keep] + loc[keep, :, None] * loc[keep, None, :])).sum(0)
     covariance = second - np.outer(mean, mean)
     # the guide's latent layout -> NumPyro's: the sites sorted, each flattened
-    index = guide._unpack_latent(jnp.arange(loc.shape[1]))
+    index = guide._unpack_latent(np.arange(loc.shape[1]))  # on the host
     order = np.concatenate([np.asarray(index[name]).reshape(-1) for name in sites]).astype(int)
     return covariance[np.ix_(order, order)]
