@@ -10,10 +10,13 @@ notebook cell, a new ``Trace_ELBO()``) reuses the programs compiled for the firs
 - a NumPyro optimizer by its ``init_fn`` / ``update_fn`` / ``get_params_fn`` closures;
 - a loss by its type and attributes (per-member arrays by shape, see
   :func:`~numpyro_ensemble.engine.hyper.program_value`);
-- a guide by identity: an AutoGuide keeps its set-up (the prototype trace, the
-  shapes of local latent sites) for the data it was first called with, and the
-  programs trace it (``EnsembleMAP`` shares its ``AutoDelta`` guides per model,
-  ``init_loc_fn`` and argument shapes, so its programs are shared too).
+- an AutoGuide by its type, the settings it was made with (read when the ensemble is
+  made, before its set-up) and what its set-up found (:func:`guide_key`): an
+  AutoGuide keeps its set-up (the prototype trace, the shapes of local latent
+  sites, the sites' supports) for the data it was first called with, and the
+  programs trace the first guide of a configuration, so two guides share programs
+  only if their set-ups agree in every site's shape, dtype and support; any other
+  guide by identity.
 
 Keys err towards identity: two objects get one key only if every value that defines
 them is equal, so a shared program computes exactly what a new one would.
@@ -24,9 +27,11 @@ from __future__ import annotations
 import functools
 import numbers
 import types
+import weakref
 
 import jax
 import numpy as np
+from numpyro.infer.autoguide import AutoGuide
 from numpyro.optim import _NumPyroOptim
 
 from numpyro_ensemble.engine import hyper
@@ -109,3 +114,45 @@ def loss_key(loss):
     except TypeError:
         return identity(loss)
     return (type(loss), values)
+
+
+_made_with: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def guide_settings(guide):
+    """What an AutoGuide was made with (its attributes when an ensemble first saw it,
+    before its set-up), or ``None`` (keyed by identity) for any other guide or one
+    already set up by then; the same for every ensemble made with the guide."""
+    if not isinstance(guide, AutoGuide):
+        return None
+    if guide not in _made_with:
+        fresh = guide.prototype_trace is None
+        _made_with[guide] = (type(guide), settings(tuple(sorted(vars(guide).items())))) if fresh else None
+    return _made_with[guide]
+
+
+def guide_key(guide, made_with):
+    """A program key of ``guide``, set up, from :func:`guide_settings` (``made_with``)
+    and its prototype: every site's type, shape, dtype and support, the plates' sizes."""
+    if made_with is None or getattr(guide, "prototype_trace", None) is None:
+        return identity(guide)
+    sites = []
+    for name, site in guide.prototype_trace.items():
+        shapes = jax.tree.map(
+            lambda v: (np.shape(v), str(jax.numpy.result_type(v))), site.get("value")
+        )
+        support = None
+        if site["type"] == "sample":
+            try:
+                support = _constraint_key(site["fn"].support)
+            except Exception:  # a support that cannot be read: keyed by identity
+                return identity(guide)
+        sites.append((name, site["type"], bool(site.get("is_observed")), settings(shapes), support))
+    plates = tuple(sorted(guide._prototype_frame_full_sizes.items()))
+    return (made_with, tuple(sites), settings(plates))
+
+
+def _constraint_key(constraint):
+    """A constraint by its type and values (NumPyro's constraints are pytrees)."""
+    leaves, treedef = jax.tree.flatten(constraint)
+    return (type(constraint), str(treedef), settings(tuple(leaves)))

@@ -55,7 +55,8 @@ _registry_lock = threading.Lock()
 
 def programs(ensemble) -> Programs:
     """The compiled programs of ``ensemble``'s configuration (shared with every
-    ensemble of the same configuration)."""
+    ensemble of the same configuration), once its guide is set up (the guide's
+    set-up is part of the configuration, see :func:`~numpyro_ensemble.engine.keys.guide_key`)."""
     key = ensemble._program_key()
     with _registry_lock:
         found = _registry.get(key)
@@ -77,7 +78,6 @@ class Programs:
 
     def __init__(self, owner):
         self.owner = owner
-        self.constrain_fn = None  # set by the first init; shared by later objects
         self.ran = False  # whether a run has called the chunk program
         self.init = jax.jit(self._init, static_argnames=("static", "axes"))
         self.chunk = jax.jit(
@@ -314,8 +314,8 @@ class Chunks:
     position and the stopping state: built before the members' initial state exists,
     so the first run can compile it beside the init program (:func:`compile_side_by_side`)."""
 
-    def __init__(self, ensemble, progs, rng_key, split, *, stable_update, forward_mode, early_stopping):
-        self.ensemble, self.progs, self.split = ensemble, progs, split
+    def __init__(self, ensemble, rng_key, split, *, stable_update, forward_mode, early_stopping):
+        self.ensemble, self.split = ensemble, split
         self.plates = run_plates(ensemble, split)
         self.keys = None
         if self.plates:
@@ -327,6 +327,11 @@ class Chunks:
             "stable_update": stable_update, "forward_mode": forward_mode,
             "early_stopping": early_stopping,
         }
+
+    @property
+    def progs(self) -> Programs:
+        """The ensemble's programs (looked up once its guide is set up)."""
+        return programs(self.ensemble)
 
     def start(self, t0: int = 0):
         """The stream at step ``t0`` and a fresh stopping state."""

@@ -26,15 +26,13 @@ __all__ = ["IdenticalMembersWarning"]
 _INIT_FN_TAG = 0x696E6974
 
 
-def set_up(svi, rng_key, args, kwargs, progs, need_reference):
+def set_up(svi, rng_key, args, kwargs, need_reference):
     """Build the user's guide prototype and the param constraints of ``svi`` (an
     ``EnsembleSVI``) outside every transform (so later traced calls never store
-    tracers in the guide), once per configuration: an AutoGuide's prototype
+    tracers in the guide), once per ensemble object: an AutoGuide's prototype
     concretely (NumPyro builds it op by op), the rest abstractly. Returns the
     reference params of one member (abstract values where found abstractly) when
     ``need_reference``."""
-    if svi.constrain_fn is None and progs.constrain_fn is not None:
-        svi.constrain_fn = progs.constrain_fn  # same model and guide, already set up
     if svi.constrain_fn is not None and not need_reference:
         return None
     args, kwargs = member_args(args, kwargs, 0)
@@ -57,8 +55,6 @@ def set_up(svi, rng_key, args, kwargs, progs, need_reference):
                 reference = None
         if reference is None:
             reference = init(rng_key, split.dynamic)
-    if progs.constrain_fn is None:
-        progs.constrain_fn = svi.constrain_fn
     return reference
 
 

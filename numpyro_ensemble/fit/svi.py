@@ -153,6 +153,7 @@ class EnsembleSVI(SVI):
         self._hyperparams = hyper.check(self.loss, optim, self.ensemble_size)
         self._optim_arg = optim
         self._guide_template = guide_template(guide)
+        self._guide_settings = keys.guide_settings(guide)
         self._warned_identical = False
         self._extra_fields = None
         self._default_early_stopping = None  # run's rule when it is given none
@@ -189,7 +190,7 @@ class EnsembleSVI(SVI):
         return (
             type(self),
             self.model,
-            keys.hashable(self.guide),  # set up for the data's shapes: by identity
+            keys.guide_key(self.guide, self._guide_settings),  # once set up
             keys.optimizer_key(self._optim_arg),
             keys.loss_key(self.loss),
             keys.hashable(tuple(sorted(self.static_kwargs.items()))),
@@ -284,8 +285,8 @@ class EnsembleSVI(SVI):
         if isinstance(init_params, dict):
             check_init_values(init_params)
         keys = self.member_keys(rng_key)
+        reference = starts.set_up(self, keys[0], args, kwargs, init_params is not None)
         progs = loop.programs(self)
-        reference = starts.set_up(self, keys[0], args, kwargs, progs, init_params is not None)
         optim_module.check_optimizer(self, info, args, kwargs)
         shared_names = ()
         if init_params is not None:
@@ -452,9 +453,8 @@ class EnsembleSVI(SVI):
             else early_stopping,
             keeps_gradient=isinstance(self.optim, optim_module.LinesearchOptim),
         )
-        progs = loop.programs(self)
         chunks = loop.Chunks(
-            self, progs, rng_key, split,
+            self, rng_key, split,
             stable_update=bool(stable_update),
             forward_mode=bool(forward_mode_differentiation),
             early_stopping=early_stopping,
@@ -464,7 +464,7 @@ class EnsembleSVI(SVI):
         else:
             self._check_state(init_state, "init_state")
             # a new object resuming a saved state sets up the guide first
-            starts.set_up(self, rng_key, args, kwargs, progs, need_reference=False)
+            starts.set_up(self, rng_key, args, kwargs, need_reference=False)
             optim_module.check_optimizer(self, self._inspect(split), args, kwargs)
             svi_state = starts.resume(self, init_state)
         svi_state, losses, stop = loop.run_steps(
@@ -474,7 +474,7 @@ class EnsembleSVI(SVI):
             every=checkpoint_every,
         )
         self._extra_fields = extra_fields(losses, stop, num_steps)
-        return SVIRunResult(progs.get_params(svi_state), svi_state, losses)
+        return SVIRunResult(chunks.progs.get_params(svi_state), svi_state, losses)
 
 
 def check_ensemble(ensemble, caller: str) -> None:

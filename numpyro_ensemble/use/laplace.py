@@ -70,7 +70,7 @@ from numpyro.infer.autoguide import (
 from numpyro.infer.svi import SVIRunResult
 import optax
 
-from numpyro_ensemble.engine import loop, starts
+from numpyro_ensemble.engine import starts
 from numpyro_ensemble.engine.batching import full_data
 from numpyro_ensemble.engine.checks import warn
 from numpyro_ensemble.engine.guides import share_prototype
@@ -161,7 +161,7 @@ def _set_up(twin, args, kwargs, fitted=None):
     its own."""
     if fitted is not None and twin.guide.prototype_trace is None and twin.constrain_fn is None:
         share_prototype(twin.guide, fitted)
-    starts.set_up(twin, random.key(0), args, kwargs, loop.programs(twin), need_reference=False)
+    starts.set_up(twin, random.key(0), args, kwargs, need_reference=False)
     return twin
 
 

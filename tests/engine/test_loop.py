@@ -83,6 +83,29 @@ def test_new_object_on_the_same_model_compiles_nothing(count_compiles, regressio
     assert len(count_compiles) > before
 
 
+def test_an_equal_guide_built_again_compiles_nothing(count_compiles, regression_data):
+    """A guide made again with equal settings (a notebook cell run twice) shares the
+    programs, once set up itself; other settings or shapes are other programs."""
+    x, y = regression_data
+
+    def fit(guide, key, data=(x, y)):
+        ens = EnsembleSVI(regression_model, guide, optax.adam(0.01), Trace_ELBO(), ensemble_size=2)
+        return ens, ens.run(key, 20, *data, progress_bar=False)
+
+    first, expected = fit(AutoNormal(regression_model), random.key(1))
+    before = len(count_compiles)
+    again, result = fit(AutoNormal(regression_model), random.key(1))
+    assert len(count_compiles) == before
+    np.testing.assert_array_equal(result.losses, expected.losses)
+    assert again.guide.prototype_trace is not None  # set up, for the user's own calls
+    np.testing.assert_array_equal(
+        again.guide.median(jax.tree.map(lambda v: v[0], result.params))["w"],
+        first.guide.median(jax.tree.map(lambda v: v[0], expected.params))["w"],
+    )
+    fit(AutoNormal(regression_model, init_scale=0.2), random.key(1))  # another setting
+    assert len(count_compiles) > before
+
+
 def test_a_linesearch_run_compiles_its_chunk_program_once(regression_data):
     """optax's L-BFGS state starts weakly typed and a step makes it strong: the chunks
     after the first (a progress bar cuts 30 steps into 15) and the steps of a jitted
