@@ -3,7 +3,8 @@
 Fits the tutorial's deep ensemble (examples/sinc_regression.py: a 1-32-32-1 tanh
 network, 1,153 weights, 80 points; ``EnsembleMAP(bnn, optax.adam(5e-3))``, ``--steps``
 steps), then turns every member into a Laplace approximation with
-``laplace_members`` for each structure (full, diagonal, low-rank k=20; the GGN) and
+``laplace_members`` for each structure (full, diagonal, low-rank k=20, and full over
+the last layer with the other layers held at the points, ``sites=["W3", "b3"]``; the GGN) and
 prior precision (the model's, and the evidence's per member), and scores each
 mixture's predictive on 200 noisy test points on [-12, 12] (the training inputs
 cover [-10, 10]) -- test NLL, 95% coverage, RMSE against the true function -- with
@@ -41,7 +42,15 @@ from numpyro_ensemble import (
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 from sinc_regression import bnn, scores, sinc_data, truth  # noqa: E402
 
-STRUCTURES = ("full", "diagonal", "lowrank")
+STRUCTURES = ("full", "diagonal", "lowrank", "last_layer")
+# laplace_members' arguments for each of STRUCTURES: last_layer is full over the last
+# layer's 33 weights (W3, b3), the other layers held at each member's point
+ARGUMENTS = {
+    "full": {"structure": "full"},
+    "diagonal": {"structure": "diagonal"},
+    "lowrank": {"structure": "lowrank"},
+    "last_layer": {"structure": "full", "sites": ["W3", "b3"]},
+}
 PRIORS = ("model", "evidence")
 
 
@@ -79,8 +88,8 @@ def main(argv=None):
     for structure in args.structures:
         for prior in PRIORS:
             (laplace, lp), seconds = timed(lambda s=structure, p=prior: laplace_members(
-                ens, result.params, x, y, curvature="ggn", structure=s, rank=args.rank,
-                prior_precision=p))
+                ens, result.params, x, y, curvature="ggn", rank=args.rank,
+                prior_precision=p, **ARGUMENTS[s]))
             excluded = len(laplace_exclusions(laplace))
             factor = float(np.nanmedian(laplace_prior_precision(laplace)))
             assert np.asarray(lp["auto_loc"]).shape[0] == E  # every member, one Laplace each

@@ -158,11 +158,12 @@ def test_bench_latency(capsys):
 def test_laplace_sinc(capsys):
     rows = script("laplace_sinc")["main"](
         ["--ensemble-size", "2", "--steps", "5", "--num-samples", "4", "--rank", "3",
-         "--structures", "diagonal", "lowrank"]
+         "--structures", "diagonal", "lowrank", "last_layer"]
     )
     names = [r["method"] for r in rows]
     assert names[:2] == ["oracle (true f, known sigma)", "deep ensemble (MAP points)"]
-    assert len(rows) == 2 + 2 * 2 * 2  # structures x priors x predictives
+    assert len(rows) == 2 + 3 * 2 * 2  # structures x priors x predictives
+    assert "Laplace last_layer, model prior, linearized" in names
     assert all(math.isfinite(r["nll"]) and 0 <= r["coverage95"] <= 1 for r in rows)
     assert rows[0]["rmse_truth"] == 0.0  # the oracle's mean is the true function
     assert "Laplace lowrank, evidence prior, linearized" in capsys.readouterr().out

@@ -63,12 +63,18 @@ EXACT_DIAGONAL_MAX = 2048
 _CHUNK = 32
 
 
+# The ``infer`` flag of a latent site held at a member's point (observed at it) by a
+# Laplace over other sites: part of the prior, not of the likelihood.
+HELD = "laplace_held"
+
+
 def likelihood_sites(prototype_trace) -> list[str]:
-    """The observed sample sites of a guide's prototype trace, in trace order."""
+    """The observed sample sites of a guide's prototype trace, in trace order (sites
+    held at a point, :data:`HELD`, left out)."""
     return [
         name
         for name, site in prototype_trace.items()
-        if site["type"] == "sample" and site["is_observed"]
+        if site["type"] == "sample" and site["is_observed"] and not site["infer"].get(HELD)
     ]
 
 

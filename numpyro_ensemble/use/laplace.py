@@ -97,6 +97,7 @@ from numpyro_ensemble.use.laplace_choices import (
     resolve_choices,
 )
 from numpyro_ensemble.use.laplace_guides import AutoLowRankPrecisionNormal
+from numpyro_ensemble.use.laplace_sites import HELD_SUFFIX, check_sites, held_model
 
 __all__ = ["laplace_members"]
 
@@ -128,21 +129,29 @@ REASONS = {
 _GUIDES = {"full": AutoMultivariateNormal, "diagonal": AutoDiagonalNormal}
 
 
-def _twin(ensemble, structure: str = "full", rank: int | None = None):
+def _twin(
+    ensemble, structure: str = "full", rank: int | None = None, sites: tuple = (), held: tuple = ()
+):
     """The ensemble's twin for a structure (same model, size and layout):
     ``AutoMultivariateNormal`` (full), ``AutoDiagonalNormal`` (diagonal) or
     :class:`~numpyro_ensemble.AutoLowRankPrecisionNormal` (lowrank, of ``rank``),
-    made once per ensemble and structure."""
+    made once per ensemble, structure and ``sites`` (with ``sites``, over those
+    latent sites, the ``held`` ones at each member's point: see
+    :mod:`numpyro_ensemble.use.laplace_sites`)."""
     twins = ensemble.__dict__.setdefault("_laplace_twins", {})
-    key = (structure, rank if structure == "lowrank" else None)
+    key = (structure, rank if structure == "lowrank" else None, sites)
     if key not in twins:
         prefix = getattr(ensemble.guide, "prefix", "auto")
+        model = ensemble.model
+        if sites:
+            trace = ensemble.guide.prototype_trace
+            model = held_model(model, held, {name: trace[name]["value"] for name in held})
         if structure == "lowrank":
-            guide = AutoLowRankPrecisionNormal(ensemble.model, prefix=prefix, rank=rank)
+            guide = AutoLowRankPrecisionNormal(model, prefix=prefix, rank=rank)
         else:
-            guide = _GUIDES[structure](ensemble.model, prefix=prefix)
+            guide = _GUIDES[structure](model, prefix=prefix)
         twins[key] = EnsembleSVI(
-            ensemble.model,
+            model,
             guide,
             WARM_START_OPTIM,
             Trace_ELBO(),
@@ -152,6 +161,7 @@ def _twin(ensemble, structure: str = "full", rank: int | None = None):
             members_per_chunk=ensemble.members_per_chunk,
             **ensemble.static_kwargs,
         )
+        twins[key]._laplace_held = held
     return twins[key]
 
 
@@ -173,6 +183,7 @@ def laplace_members(
     structure: str = "auto",
     rank: int = 20,
     prior_precision: str = "model",
+    sites=None,
     **kwargs,
 ) -> tuple:
     """
@@ -223,6 +234,11 @@ def laplace_members(
         (:mod:`numpyro_ensemble.use.evidence`; Gaussian priors, the GGN); the
         factors are :func:`~numpyro_ensemble.laplace_prior_precision`. The points
         stay the model's MAP points, as in Laplace Redux's post-hoc choice.
+    :param sites: latent site names (e.g. a network's last layer): the Laplace
+        approximation over those sites only, every other latent site held at each
+        member's point (:mod:`numpyro_ensemble.use.laplace_sites`: the members' model
+        observes them at the params ``{site}_held``, which the returned params
+        hold); ``structure="auto"`` is then ``"full"``. Default: all latent sites.
     :param kwargs: the model's keyword arguments.
     :return: ``(laplace, laplace_params)``: an :class:`~numpyro_ensemble.EnsembleSVI`
         with the structure's guide (set up, ready for
@@ -244,20 +260,23 @@ def laplace_members(
     check_choices(curvature, structure, rank, prior_precision)
     split = ensemble._split(args, kwargs)
     info = ensemble._inspect(split)
+    sites = check_sites(sites, info.latent)
+    held = tuple(name for name in info.latent if name not in sites) if sites else ()
     # the twin to set up first: the likely result, or the diagonal one (cheap at any D)
     guess = structure
     if guess == "auto":
-        small = info.error is None and info.size <= FULL_UP_TO
+        small = info.error is None and (info.size <= FULL_UP_TO or sites)
         guess = "full" if small else "diagonal"
     if getattr(ensemble.guide, "prototype_trace", None) is None:  # params from elsewhere
         _set_up(ensemble, args, kwargs)
-    layout = _set_up(_twin(ensemble, guess, rank), args, kwargs, ensemble.guide)
+    fitted = None if sites else ensemble.guide  # (another model: a prototype of its own)
+    layout = _set_up(_twin(ensemble, guess, rank, sites, held), args, kwargs, fitted)
     dim = layout.guide.latent_dim
     curvature, structure = resolve_choices(
         curvature, structure, rank, dim, layout.guide.prototype_trace, prior_precision
     )
     if structure != guess:
-        layout = _set_up(_twin(ensemble, structure, rank), args, kwargs, ensemble.guide)
+        layout = _set_up(_twin(ensemble, structure, rank, sites, held), args, kwargs, fitted)
     twin = layout
     safe, finite = usable_params(params, "laplace_members")
     own = model_params(ensemble, safe, args, kwargs)
@@ -268,8 +287,10 @@ def laplace_members(
         programs[key] = _program(ensemble, twin, info.plates, split, curvature, structure, evidence)
     with validation_enabled(False):  # NumPyro's checks of constants run op by op as it traces
         found = programs[key](safe, own, split.dynamic)
+    found, at_points = found
     loc, factors, positive, decrement, converged, exact, scale = jax.tree.map(np.asarray, found)
     reasons = _reasons(loc, positive, decrement, converged, exact, finite)
+    own = {**own, **at_points}  # with sites: the others' values at the members' points
     return twin, _params(twin, structure, loc, factors, reasons, own, scale)
 
 
@@ -279,14 +300,15 @@ def _program(ensemble, twin, plates, split, curvature, structure, evidence):
     definite), the Newton decrement there, whether the mode search converged and
     whether the prior's diagonal is exact (see ``prior_diagonal``), and the factor of
     the prior precision (the evidence's optimum, or 1)."""
-    model = full_data(ensemble.model, plates)
+    model = full_data(twin.model, plates)
     guide, layout = ensemble.guide, twin.guide
+    held = twin._laplace_held
     static_kwargs = ensemble.static_kwargs
     sites = layout._init_locs
     trace = layout.prototype_trace
     observed = likelihood_sites(trace)
     ranges = site_ranges(layout)
-    laplace_guide = isinstance(guide, AutoLaplaceApproximation)
+    laplace_guide = isinstance(guide, AutoLaplaceApproximation) and not held
     # The search moves a MAP point (the mode of the constrained density) to the mode of
     # the unconstrained one; they coincide where every support is the real line, and
     # beyond the full structure's size the search is skipped there.
@@ -295,7 +317,7 @@ def _program(ensemble, twin, plates, split, curvature, structure, evidence):
 
     def member(m, args, kwargs):
         member_params, member_own = m
-        kwargs = {**kwargs, **static_kwargs}
+        at_points = {}
         if laplace_guide:
             u = member_params[f"{guide.prefix}_loc"]
         else:  # the member's point, constrained, sent to the unconstrained space
@@ -303,6 +325,11 @@ def _program(ensemble, twin, plates, split, curvature, structure, evidence):
             u, _ = _ravel_dict(  # in the layout of the guide's latent vector
                 {name: biject_to(trace[name]["fn"].support).inv(point[name]) for name in sites}
             )
+            at_points = {name + HELD_SUFFIX: point[name] for name in held}
+        return laplace_at(u, {**member_own, **at_points}, args, kwargs), at_points
+
+    def laplace_at(u, member_own, args, kwargs):
+        kwargs = {**kwargs, **static_kwargs}
         potential = Potential(
             substitute(model, data=member_own), args, kwargs, layout._unpack_latent, observed
         )
