@@ -9,7 +9,11 @@ For four models (float64), in fresh processes, after imports and data loading:
           then, in the same process, ``run`` again with a new ``EnsembleMAP`` and
           an equal optimizer built again (``optax.lbfgs()``: it should compile nothing);
   svi     plain ``SVI(model, AutoNormal(model), optax.adam(0.01), Trace_ELBO()).run(2000)``;
-  nuts    default NUTS, 4 chains x (1,000 warm-up + 1,000 draws), vectorized.
+  nuts    default NUTS, 4 chains x (1,000 warm-up + 1,000 draws), vectorized;
+  warm    NUTS warm-started from the ensemble, in one process: the recipe's fit,
+          ``laplace_members`` and ``importance_weights``, then ``nuts_warm_start``
+          and ``NUTSWarmStart.run`` (its own warm-up, 1,000 draws, 4 chains,
+          vectorized; the check after warm-up and its restarts included).
 
 Each step's wall time stops after ``jax.block_until_ready`` on its result; its
 compilations are XLA backend compiles counted with a ``jax.monitoring`` listener.
@@ -36,7 +40,7 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 MODELS = ("regression", "eight_schools", "gp", "sinc_bnn")
-KINDS = ("recipe", "svi", "nuts")
+KINDS = ("recipe", "svi", "nuts", "warm")
 
 
 def load(name):
@@ -97,6 +101,7 @@ def child(name: str, kind: str, steps: int, nuts_draws: int) -> list:
         ensemble_summary,
         importance_weights,
         laplace_members,
+        nuts_warm_start,
         sample_posterior,
     )
 
@@ -138,6 +143,18 @@ def child(name: str, kind: str, steps: int, nuts_draws: int) -> list:
     elif kind == "svi":
         svi = SVI(model, AutoNormal(model), optax.adam(0.01), Trace_ELBO())
         step("plain SVI.run", lambda: svi.run(random.key(0), steps, *args, progress_bar=False))
+    elif kind == "warm":
+        ens = EnsembleMAP(model, ensemble_size=8)
+        result = step("EnsembleMAP.run", lambda: ens.run(random.key(0), steps, *args,
+                                                        progress_bar=False))
+        laplace, lp = step("laplace_members", lambda: laplace_members(ens, result.params, *args))
+        iw = step("importance_weights", lambda: importance_weights(
+            laplace, random.key(7), lp, *args, num_samples=500))
+        warm = step("nuts_warm_start", lambda: nuts_warm_start(
+            laplace, random.key(5), lp, *args, weights=iw))
+        step("NUTSWarmStart.run", lambda: warm.run(
+            model, random.key(0), *args, num_samples=nuts_draws, chain_method="vectorized",
+            progress_bar=False).mcmc.get_samples())
     elif kind == "nuts":
         mcmc = MCMC(NUTS(model), num_warmup=nuts_draws, num_samples=nuts_draws, num_chains=4,
                     chain_method="vectorized", progress_bar=False)
@@ -171,6 +188,7 @@ def main(argv=None):
         first = recipe[:5]  # the recipe itself
         total = sum(r["wall"] for r in first)
         nuts, svi = rows["nuts"][0], rows["svi"][0]
+        warm_total = sum(r["wall"] for r in rows["warm"])
         print(f"\n{name}: fresh processes, float64")
         print(f"{'step':<40} {'wall':>8} {'compiles':>9}")
         for r in recipe:
@@ -178,6 +196,11 @@ def main(argv=None):
         print(f"{'the recipe, in all':<40} {total:>7.2f}s {sum(r['compiles'] for r in first):>9}")
         print(f"{'plain SVI.run (AutoNormal, Adam)':<40} {svi['wall']:>7.2f}s {svi['compiles']:>9}")
         print(f"{'default NUTS, 4 chains, vectorized':<40} {nuts['wall']:>7.2f}s {nuts['compiles']:>9}")
+        for r in rows["warm"]:
+            print(f"{'warm: ' + r['step']:<40} {r['wall']:>7.2f}s {r['compiles']:>9}")
+        print(f"{'warm: fit + warm start + NUTS':<40} {warm_total:>7.2f}s "
+              f"{sum(r['compiles'] for r in rows['warm']):>9}")
+        print(f"(fit + warm start + NUTS) / default NUTS {warm_total / nuts['wall']:.2f}")
         print(f"recipe / NUTS {total / nuts['wall']:.2f}; "
               f"EnsembleMAP.run / plain SVI.run {recipe[0]['wall'] / svi['wall']:.2f}")
         print(f"verdict: {rows['recipe'][-1]['text']}")

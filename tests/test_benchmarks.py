@@ -152,7 +152,12 @@ def test_bench_latency(capsys):
     assert recipe[-1]["compiles"] == 0  # an equal optimizer built again compiles nothing
     assert positive(rows["svi"][0]["wall"], rows["nuts"][0]["wall"])
     assert "verdict" in rows["recipe"][-1]["step"]
-    assert "the recipe, in all" in capsys.readouterr().out
+    assert [r["step"] for r in rows["warm"]] == [
+        "EnsembleMAP.run", "laplace_members", "importance_weights", "nuts_warm_start",
+        "NUTSWarmStart.run"]
+    assert all(positive(r["wall"]) for r in rows["warm"])
+    out = capsys.readouterr().out
+    assert "the recipe, in all" in out and "(fit + warm start + NUTS) / default NUTS" in out
 
 
 def test_laplace_sinc(capsys):
