@@ -10,8 +10,8 @@ notebook cell, a new ``Trace_ELBO()``) reuses the programs compiled for the firs
 - a NumPyro optimizer by its ``init_fn`` / ``update_fn`` / ``get_params_fn`` closures;
 - a loss by its type and attributes (per-member arrays by shape, see
   :func:`~numpyro_ensemble.engine.hyper.program_value`);
-- an AutoGuide by its type, the settings it was made with (read when the ensemble is
-  made, before its set-up) and what its set-up found (:func:`guide_key`): an
+- an AutoGuide by its type, the settings it was made with (read when an ensemble
+  first sees it, before its set-up) and what its set-up found (:func:`guide_key`): an
   AutoGuide keeps its set-up (the prototype trace, the shapes of local latent
   sites, the sites' supports) for the data it was first called with, and the
   programs trace the first guide of a configuration, so two guides share programs
