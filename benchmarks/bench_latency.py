@@ -122,13 +122,18 @@ def child(name: str, kind: str, steps: int, nuts_draws: int) -> list:
                      "compiles": len(compiles) - before})
         return out
 
-    if kind == "recipe":
+    def fit_laplace_weights():
+        """The first three steps of the recipe (and of the warm start)."""
         ens = EnsembleMAP(model, ensemble_size=8)
         result = step("EnsembleMAP.run", lambda: ens.run(random.key(0), steps, *args,
                                                         progress_bar=False))
         laplace, lp = step("laplace_members", lambda: laplace_members(ens, result.params, *args))
         iw = step("importance_weights", lambda: importance_weights(
             laplace, random.key(7), lp, *args, num_samples=500))
+        return result, laplace, lp, iw
+
+    if kind == "recipe":
+        result, laplace, lp, iw = fit_laplace_weights()
         summary = step("ensemble_summary", lambda: ensemble_summary(
             laplace, random.key(3), result._replace(params=lp), *args, weights=iw))
         step("sample_posterior", lambda: sample_posterior(laplace, random.key(2), lp, *args,
@@ -144,12 +149,7 @@ def child(name: str, kind: str, steps: int, nuts_draws: int) -> list:
         svi = SVI(model, AutoNormal(model), optax.adam(0.01), Trace_ELBO())
         step("plain SVI.run", lambda: svi.run(random.key(0), steps, *args, progress_bar=False))
     elif kind == "warm":
-        ens = EnsembleMAP(model, ensemble_size=8)
-        result = step("EnsembleMAP.run", lambda: ens.run(random.key(0), steps, *args,
-                                                        progress_bar=False))
-        laplace, lp = step("laplace_members", lambda: laplace_members(ens, result.params, *args))
-        iw = step("importance_weights", lambda: importance_weights(
-            laplace, random.key(7), lp, *args, num_samples=500))
+        _, laplace, lp, iw = fit_laplace_weights()
         warm = step("nuts_warm_start", lambda: nuts_warm_start(
             laplace, random.key(5), lp, *args, weights=iw))
         step("NUTSWarmStart.run", lambda: warm.run(

@@ -10,6 +10,7 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 import jax
 from jax import random
+import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -56,6 +57,23 @@ def run_tutorial(name: str, *argv: str):
     script = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
     namespace = runpy.run_path(str(script), run_name="not_main")
     return namespace["main"](["--quick", *argv])
+
+
+def compiled_programs(fn) -> list:
+    """The names of the programs XLA compiles while ``fn()`` runs (its outputs
+    ready), from a ``jax.monitoring`` listener on backend compiles."""
+    names = []
+
+    def listener(event, duration, fun_name=None, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.block_until_ready(jax.tree.leaves(fn()))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return names
 
 
 def tree_allclose(a, b, **kw):

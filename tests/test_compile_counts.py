@@ -2,9 +2,8 @@
 with equal settings (issue 23, item 3), counted as NumPyro's ``test_compile.py``
 does, with a ``jax.monitoring`` listener on XLA backend compiles."""
 
-import jax
+from conftest import compiled_programs
 from jax import random
-import jax.monitoring
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
@@ -20,8 +19,6 @@ from numpyro_ensemble import (
     stacking_weights,
 )
 
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
 
 def counted_model(x, y=None):  # a model of this module's own: no program of it is cached
     a = numpyro.sample("a", dist.Normal(0.0, 10.0))
@@ -29,22 +26,6 @@ def counted_model(x, y=None):  # a model of this module's own: no program of it 
     s = numpyro.sample("s", dist.HalfNormal(5.0))
     with numpyro.plate("n", x.shape[0]):
         numpyro.sample("y", dist.Normal(a + b * x, s), obs=y)
-
-
-def compiles_of(fn):
-    """The number of XLA compiles while ``fn()`` runs (its outputs ready)."""
-    names = []
-
-    def listener(event, duration, fun_name=None, **kwargs):
-        if event == _COMPILE_EVENT:
-            names.append(fun_name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        jax.block_until_ready(jax.tree.leaves(fn()))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return names
 
 
 def test_each_step_after_the_fit_compiles_a_few_programs_once():
@@ -73,7 +54,7 @@ def test_each_step_after_the_fit_compiles_a_few_programs_once():
         "nuts_warm_start": lambda: nuts_warm_start(laplace, random.key(8), lp, x, y, weights=iw),
     }
     for name, step in steps.items():
-        first = compiles_of(step)
+        first = compiled_programs(step)
         assert len(first) <= 5, (name, first)
-        again = compiles_of(step)  # equal settings, new keys
+        again = compiled_programs(step)  # equal settings, new keys
         assert again == [], (name, again)

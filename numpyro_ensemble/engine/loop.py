@@ -10,6 +10,7 @@ and, with ``devices=``, runs per device on its own block of members.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -328,9 +329,9 @@ class Chunks:
             "early_stopping": early_stopping,
         }
 
-    @property
+    @functools.cached_property
     def progs(self) -> Programs:
-        """The ensemble's programs (looked up once its guide is set up)."""
+        """The ensemble's programs (looked up once, after its guide is set up)."""
         return programs(self.ensemble)
 
     def start(self, t0: int = 0):

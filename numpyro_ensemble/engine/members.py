@@ -271,22 +271,23 @@ def apply_members(
     return shard_members(local, mesh, (True, True, False), True)(mapped, member_dyn, shared_dyn)
 
 
-def apply_members_jitted(owner, key, fn, mapped, split: SplitArgs) -> Any:
-    """:func:`apply_members` of ``fn`` as one jitted program, compiled once per ``owner``
-    (an ensemble, whose mesh and ``members_per_chunk`` it uses), ``key`` (every setting
-    ``fn``'s closure depends on) and the arguments' static part and axes: a second
-    call with equal settings traces and compiles nothing (run eagerly, a mapped
-    ``lax.scan`` in NumPyro's ``Predictive`` is a new program on every call)."""
+def apply_members_jitted(owner, key, build: Callable, mapped, split: SplitArgs) -> Any:
+    """:func:`apply_members` of ``build()`` (the per-member function, built on the first
+    call only) as one jitted program, compiled once per ``owner`` (an ensemble, whose
+    mesh and ``members_per_chunk`` it uses), ``key`` (every setting the function's
+    closure depends on) and the arguments' static part and axes: a second call with
+    equal settings traces and compiles nothing (run eagerly, a mapped ``lax.scan`` in
+    NumPyro's ``Predictive`` is a new program on every call)."""
     axes, static = split.axes, split.static
     mesh, members_per_chunk = owner.mesh, owner.members_per_chunk
-    program = owner_program(
-        owner,
-        ("apply_members", key, axes, static),
-        lambda: lambda m, dynamic: apply_members(
+
+    def program():
+        fn = build()
+        return lambda m, dynamic: apply_members(
             fn, m, SplitArgs(dynamic, axes, static), mesh=mesh, members_per_chunk=members_per_chunk
-        ),
-    )
-    return program(mapped, split.dynamic)
+        )
+
+    return owner_program(owner, ("apply_members", key, axes, static), program)(mapped, split.dynamic)
 
 
 def owner_program(owner, key, build: Callable) -> Callable:

@@ -42,7 +42,7 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 
-from numpyro_ensemble.engine.members import SplitArgs, apply_members
+from numpyro_ensemble.engine.members import apply_members_jitted
 
 __all__ = ["newton_decrement"]
 
@@ -70,15 +70,15 @@ def newton_decrement(ensemble, rng_key, params, args, kwargs, point: bool):
         for name, value in params.items()
     }
     particles = 1 if point else NUM_PARTICLES
-    programs = ensemble.__dict__.setdefault("_newton_programs", {})
-    key = (split.axes, split.static, particles)
-    if key not in programs:
-        programs[key] = _program(ensemble, split, particles)
     keys = random.split(rng_key, E)
-    return _decrement(*programs[key](unconstrained, ensemble._hyperparams, keys, split.dynamic))
+    found = apply_members_jitted(
+        ensemble, ("newton", particles), lambda: _member(ensemble, particles),
+        (unconstrained, ensemble._hyperparams, keys), split,
+    )
+    return _decrement(*found)
 
 
-def _program(ensemble, split, particles):
+def _member(ensemble, particles):
     def member(m, args, kwargs):
         unconstrained, hyperparams, key = m
         svi = ensemble._member(hyperparams=hyperparams)
@@ -107,17 +107,7 @@ def _program(ensemble, split, particles):
         hessian, grads = jax.lax.scan(one, zero, random.split(key, particles))
         return _moments(grads, hessian / particles)
 
-    @jax.jit
-    def run(unconstrained, hyperparams, keys, dynamic):
-        return apply_members(
-            member,
-            (unconstrained, hyperparams, keys),
-            SplitArgs(dynamic, split.axes, split.static),
-            mesh=ensemble.mesh,
-            members_per_chunk=ensemble.members_per_chunk,
-        )
-
-    return run
+    return member
 
 
 def _moments(grads, hessian):

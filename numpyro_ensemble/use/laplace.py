@@ -75,7 +75,7 @@ from numpyro_ensemble.engine.batching import full_data
 from numpyro_ensemble.engine.checks import warn
 from numpyro_ensemble.engine.guides import share_prototype
 from numpyro_ensemble.engine.health import usable_params
-from numpyro_ensemble.engine.members import SplitArgs, apply_members, map_members
+from numpyro_ensemble.engine.members import apply_members_jitted, map_members
 from numpyro_ensemble.fit.svi import EnsembleSVI, check_ensemble
 from numpyro_ensemble.use.curvature import (
     Potential,
@@ -280,13 +280,13 @@ def laplace_members(
     twin = layout
     safe, finite = usable_params(params, "laplace_members")
     own = model_params(ensemble, safe, args, kwargs)
-    programs = twin.__dict__.setdefault("_laplace_programs", {})
     evidence = prior_precision == "evidence"
-    key = (info.plates, split.axes, split.static, curvature, structure, evidence)
-    if key not in programs:
-        programs[key] = _program(ensemble, twin, info.plates, split, curvature, structure, evidence)
     with validation_enabled(False):  # NumPyro's checks of constants run op by op as it traces
-        found = programs[key](safe, own, split.dynamic)
+        found = apply_members_jitted(
+            twin, ("laplace", info.plates, curvature, structure, evidence),
+            lambda: _member(ensemble, twin, info.plates, curvature, structure, evidence),
+            (safe, own), split,
+        )
     found, at_points = found
     loc, factors, positive, decrement, converged, exact, scale = jax.tree.map(np.asarray, found)
     reasons = _reasons(loc, positive, decrement, converged, exact, finite)
@@ -294,8 +294,8 @@ def laplace_members(
     return twin, _params(twin, structure, loc, factors, reasons, own, scale)
 
 
-def _program(ensemble, twin, plates, split, curvature, structure, evidence):
-    """One jitted pass over the members: each member's unconstrained point, its
+def _member(ensemble, twin, plates, curvature, structure, evidence):
+    """One member's pass (compiled for all at once): its unconstrained point, its
     precision's factors for ``structure``, whether they are usable (positive
     definite), the Newton decrement there, whether the mode search converged and
     whether the prior's diagonal is exact (see ``prior_diagonal``), and the factor of
@@ -390,17 +390,7 @@ def _program(ensemble, twin, plates, split, curvature, structure, evidence):
         decrement = 0.5 * jnp.vdot(grad, solved)
         return u, (prec_factor, safe), positive, decrement, converged, exact, scale
 
-    @jax.jit
-    def run(params, own, dynamic):
-        return apply_members(
-            member,
-            (params, own),
-            SplitArgs(dynamic, split.axes, split.static),
-            mesh=ensemble.mesh,
-            members_per_chunk=ensemble.members_per_chunk,
-        )
-
-    return run
+    return member
 
 
 def _quadratic(potential, u, prior_diagonal):

@@ -56,7 +56,7 @@ from numpyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal
 
 from numpyro_ensemble.engine.checks import check_key, check_positive_int
 from numpyro_ensemble.engine.health import blank, usable_params
-from numpyro_ensemble.engine.members import SplitArgs, apply_members, has_per_member, member_args
+from numpyro_ensemble.engine.members import apply_members_jitted, has_per_member, member_args
 from numpyro_ensemble.fit.svi import check_ensemble
 from numpyro_ensemble.use.curvature import FAMILIES, family
 from numpyro_ensemble.use.fitted import check_params, is_laplace, model_params
@@ -313,20 +313,20 @@ def linearized_predictive(
     own = model_params(laplace, safe, args, kwargs)
     split = laplace._split(args, kwargs)
     sites = _chosen(output_sites(laplace, safe, own, args, kwargs), return_sites)
-    programs = laplace.__dict__.setdefault("_linearized_programs", {})
-    key = (split.axes, split.static, num_samples, sites)
-    if key not in programs:
-        programs[key] = _program(laplace, split, num_samples, sites)
     keys = random.split(draw_key, E)
     with validation_enabled(False):  # NumPyro's checks of constants run op by op as it traces
-        draws = blank(programs[key](safe, own, keys, split.dynamic), finite)
+        draws = apply_members_jitted(
+            laplace, ("linearized", num_samples, sites),
+            lambda: _member(laplace, split, num_samples, sites), (safe, own, keys), split,
+        )
+    draws = blank(draws, finite)
     if weights is None:
         return draws
     log_weights = draw_log_weights(member_weights, E, num_samples)
     return resample(resample_key, draws, log_weights, E * num_samples)
 
 
-def _program(laplace, split, num_samples, sites):
+def _member(laplace, split, num_samples, sites):
     """One jitted pass over the members: ``num_samples`` draws of the ``sites`` of the
     model linearized at each member's point."""
     guide = laplace.guide
@@ -374,14 +374,4 @@ def _program(laplace, split, num_samples, sites):
             result.update({name: constrained[name] for name in latent})
         return {s.name: result[s.name] for s in sites}
 
-    @jax.jit
-    def program(params, own, keys, dynamic):
-        return apply_members(
-            member,
-            (params, own, keys),
-            SplitArgs(dynamic, split.axes, split.static),
-            mesh=laplace.mesh,
-            members_per_chunk=laplace.members_per_chunk,
-        )
-
-    return program
+    return member

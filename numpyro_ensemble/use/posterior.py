@@ -233,7 +233,7 @@ def _map(ensemble, fn, mapped, args, kwargs, key=None):
     a ``key`` (the settings ``fn`` depends on) as one program compiled once per key."""
     split = ensemble._split(args, kwargs)
     if key is not None:
-        return apply_members_jitted(ensemble, key, fn, mapped, split)
+        return apply_members_jitted(ensemble, key, lambda: fn, mapped, split)
     return apply_members(
         fn, mapped, split, mesh=ensemble.mesh, members_per_chunk=ensemble.members_per_chunk
     )

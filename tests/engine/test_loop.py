@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import regression_model, subsample_model
+from conftest import compiled_programs, regression_model, subsample_model
 import jax
 from jax import random
 import jax.monitoring
@@ -111,21 +111,16 @@ def test_a_linesearch_run_compiles_its_chunk_program_once(regression_data):
     after the first (a progress bar cuts 30 steps into 15) and the steps of a jitted
     update loop after the first must not each be a new program."""
     x, y = regression_data
-    names = []
 
-    def listener(event, duration, fun_name=None, **kwargs):
-        if event == _COMPILE_EVENT:
-            names.append(fun_name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    def fit():
         ens = EnsembleMAP(regression_model, optax.lbfgs(), ensemble_size=2)
         ens.run(random.key(0), 30, x, y, progress_bar=True)
         state, update = ens.init(random.key(1), x, y), jax.jit(ens.update)
         for _ in range(3):  # a user's jitted loop, as with SVI
             state, _ = update(state, x, y)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        return state
+
+    names = compiled_programs(fit)
     # compiled side by side with the init program (threads), each once
     assert names.count("jit(_chunk)") == 1 and names.count("jit(_init)") == 1, names
     assert names.count("jit(update)") == 1, names
